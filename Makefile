@@ -1,0 +1,40 @@
+# One entry point per job. `make demo` and `make test` each do all the set-up they need.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ssip-installed
+DEMO ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup system test lint pytest demo bench clean
+
+setup: system $(STAMP)
+
+system:
+	@bash scripts/system_deps.sh
+
+# Re-installs only when pyproject.toml changed (quick when nothing did).
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check ssip tests bench jobs
+
+pytest: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+# The main job on the embedded default: build the simulated corpus from real speech, ingest it.
+demo: setup
+	$(BIN)/ssip corpus build $(DEMO)/corpus
+	$(BIN)/ssip ingest $(DEMO)/corpus $(DEMO)/ingest
+
+bench: setup
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""One module per `ssip` command group; see ssip/cli.py."""

@@ -1,0 +1,34 @@
+"""Connecting to Ray: an existing cluster (RAY_ADDRESS / --address) or an embedded local one.
+
+The embedded instance binds to 127.0.0.1 and keeps Ray's token authentication on (Ray 2.60's
+default); nothing here disables it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers must import ssip from the same checkout as the driver; the working directory is
+    # on their path when the package is installed in editable mode or on PYTHONPATH.
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting an embedded local Ray (num_cpus=%s) on 127.0.0.1", num_cpus)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
