@@ -38,8 +38,12 @@ def speech_clips() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real Ray head started with `ray start` on 127.0.0.1 (2 CPUs); yields its address."""
+def ray_cluster(tmp_path_factory, moto_s3):
+    """A real Ray head started with `ray start` on 127.0.0.1 (2 CPUs); yields its address.
+
+    Started after the moto S3 server so that its workers see the endpoint and test keys in their
+    environment, as cluster nodes see an instance role: credentials never travel with a job.
+    """
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     tmp = tmp_path_factory.mktemp("ray")
     port = _free_port()
