@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,14 @@ import pytest
 import soundfile as sf
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
+
+# Token auth stays on: a fresh token for this test session, given to every head node and driver.
+# Ray reads these when it is imported, so they are set before any test module imports it.
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="ssip-ray-token-"))
+(_TOKEN_DIR / "auth_token").write_text(secrets.token_hex(32))
+(_TOKEN_DIR / "auth_token").chmod(0o600)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_DIR / "auth_token")
 
 
 def _free_port() -> int:

@@ -131,12 +131,14 @@ def read_nwb(
         if signal.ndim != 2:
             raise RecordingError(path, subject, f"acquisition/{signal_name}", f"expected 2-D (samples, channels), got shape {signal.shape}")
         if ts.timestamps is not None:
-            stamps = np.asarray(ts.timestamps[:2] if len(ts.timestamps) > 1 else ts.timestamps[:])
+            n_ts = len(ts.timestamps)
             t0 = float(ts.timestamps[0])
-            if len(stamps) < 2 or stamps[1] <= stamps[0]:
+            t_end = float(ts.timestamps[n_ts - 1]) if n_ts > 1 else t0
+            if n_ts < 2 or t_end <= t0:
                 raise RecordingError(path, subject, f"acquisition/{signal_name}/timestamps", "need increasing timestamps")
-            sfreq = float(ts.rate) if ts.rate else 1.0 / float(stamps[1] - stamps[0])
-            sfreq = round(sfreq, 6)
+            # The mean spacing over the whole recording: one step's float rounding would give e.g.
+            # 999.99998 Hz at 1 kHz.
+            sfreq = round((n_ts - 1) / (t_end - t0), 4)
         else:
             t0 = float(ts.starting_time or 0.0)
             sfreq = float(ts.rate)

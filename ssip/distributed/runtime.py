@@ -22,6 +22,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Workers must import ssip from the same checkout as the driver; the working directory is
     # on their path when the package is installed in editable mode or on PYTHONPATH.
     if address:
+        # Clusters run with token auth (ssip/__init__.py keeps RAY_AUTH_MODE=token); the driver
+        # sends the cluster's token from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN.
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:

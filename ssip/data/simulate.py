@@ -1,0 +1,598 @@
+"""The embedded default corpus: real recorded speech, simulated intracranial responses to it.
+
+Simulated subjects "speak" real prompts (asterisk or pocketsphinx recordings, see
+:mod:`ssip.data.speech`); every prompt is spoken by exactly one subject. For each subject this
+module renders a raw ECoG-like recording whose high-gamma power is driven by the speech through a
+known encoding model, and :mod:`ssip.data.formats` writes it in the layouts of two public datasets
+(iBIDS NWB of Verwoert et al. 2022, Flinker-lab HDF5 of Chen et al. 2024) with the ground truth.
+
+Timeline
+--------
+Each subject's prompts follow one another; each is preceded by a fixation gap of silence drawn
+from U(gap_s_min, gap_s_max) and the last is followed by one more gap. Gaps and prompt starts are
+rounded to whole 10 ms mel frames, so prompt ``i`` starts at mel frame ``start_i / 160`` and the
+timeline's mel equals each prompt's own mel, placed end to end. The audio track is the
+loudness-normalised speech (:func:`ssip.mel.normalize_loudness`, per prompt) with exact zeros in
+the gaps; the neural recording starts and ends with the audio track.
+
+Ground-truth encoding model (per electrode ``e``; all frames at 100 Hz)
+-----------------------------------------------------------------------
+1. Mel above floor: ``m(f, t) = mel(f, t) - MEL_FLOOR`` where ``mel`` is
+   ``ssip.mel.log_mel(normalize_loudness(audio))`` of each prompt and ``MEL_FLOOR`` in the gaps,
+   so ``m`` is 0 in silence and about 1-2 in loud speech. Shape (80, T).
+2. Spectral tuning ``w_e(f) ∝ exp(-(f - c_e)^2 / (2 s_e^2))`` over mel bins, ``c_e ~ U(0, 79)``,
+   ``s_e ~ U(2, 12)`` bins, normalised to sum 1 (so ``w_e · m`` is a weighted mean of ``m``).
+3. Temporal smoothing ``h_e(k) ∝ exp(-k^2 / (2 σ_e^2))``, ``σ_e ~ U(1, 3)`` frames,
+   ``|k| <= 9``, sum 1: drive ``d_e(t) = Σ_k h_e(k) (w_e · m)(t - k)``.
+4. Static nonlinearity, zero in silence: ``r_e(t) = g_e [sp(β_e (d_e - θ_e)) - sp(-β_e θ_e)] / β_e``
+   with ``sp`` = softplus, slope ``β_e ~ U(3, 8)``, threshold ``θ_e ~ U(0.3, 0.9)`` and gain
+   ``g_e = κ · exp(N(0, 0.35^2))``. ``r_e`` is linear in the drive well above threshold.
+5. Lead: the neural envelope LEADS the audio (speech production): ``a_e(t) = r_e(t + L_e)``,
+   ``L_e ~ U(lead_ms_min, lead_ms_max)``, a continuous shift evaluated with a PCHIP interpolant
+   through the 100 Hz frames (monotone, so ``a_e >= 0``).
+6. ``unresponsive_fraction`` of electrodes have zero weights and gain (``a_e ≡ 0``).
+
+``κ`` (one per subject) sets the signal-to-noise ratio (step 8).
+
+Raw rendering at ``sfreq`` (µV)
+-------------------------------
+7. ``x_e(n) = a_e(n / sfreq) · c_e(n) + b_e(n) + line_e(n)`` where the carrier ``c_e`` is Gaussian
+   noise band-passed to 70-170 Hz (4th-order Butterworth, zero phase) at unit RMS; ``b_e`` is
+   aperiodic 1/f^χ background, ``χ_e ~ U(1.5, 2.5)``, high-passed at 0.5 Hz like an amplifier,
+   scaled so its 70-170 Hz band RMS is ``2 µV · exp(N(0, 0.2^2))``; ``line_e`` is mains at
+   ``line_freq`` and its 2nd and 3rd harmonics (amplitudes ``A_e / h^2``, ``A_e ~ U(2, 10)`` µV,
+   phases shared by all electrodes, as mains pick-up is common mode).
+8. SNR: ``κ`` is chosen so that over the good responsive electrodes
+   ``Σ_e mean_{t in words} a_e(t)^2 / Σ_e bandpower_e(b_e) = 10^(snr_db / 10)``: the speech-driven
+   70-170 Hz power during spoken prompts over the background power in the same band. Line noise
+   is excluded (high-gamma features notch its harmonics).
+9. ``bad_fraction`` of electrodes (disjoint from the unresponsive ones) are bad: flat (exactly 0)
+   or wildly noisy (white noise of 2 mV RMS plus 10x line noise), marked bad in the
+   files. Their ground-truth envelope is still stored (what the electrode would have seen).
+
+Randomness: one numpy Generator per (seed, subject) for the subject's draws and one per
+(seed, subject, electrode) for that electrode's noise, so a build is deterministic for a config
+and does not depend on how channels are processed.
+
+The simulation functions here are pure (no file I/O); :func:`build_corpus` reads the speech,
+simulates and calls the writers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.interpolate
+import scipy.signal
+
+from ssip import mel as melmod
+from ssip.config import ConfigError, check_option, check_range, config_hash, field, to_dict
+from ssip.data.speech import Utterance, read_source
+
+#: The SNR is defined in this band (Hz), the high-gamma band of the features.
+HIGH_GAMMA_BAND = (70.0, 170.0)
+#: 70-170 Hz RMS of the aperiodic background before per-electrode variation, µV.
+BACKGROUND_BAND_RMS_UV = 2.0
+#: Amplifier high-pass of the background, Hz (a 1/f^2 spectrum otherwise drifts without bound).
+BACKGROUND_HIGHPASS_HZ = 0.5
+#: RMS of a noisy bad channel, µV.
+NOISY_CHANNEL_RMS_UV = 2000.0
+#: Absolute clock of the first sample, s (Verwoert's NWB timestamps are absolute clock values).
+#: An integer, so that t0 + n / 1024 is exact in float64.
+START_CLOCK_S = 1_700_000_000.0
+#: Widest temporal kernel half-length in frames (3 sigma of the widest Gaussian).
+_KERNEL_HALF = 9
+#: Prompt and gap boundaries sit on whole mel frames.
+_HOP = melmod.HOP_LENGTH
+#: Entropy tags that keep the random streams apart (fixed-length seed lists avoid collisions).
+_STREAM_DEAL, _STREAM_SUBJECT, _STREAM_ELECTRODE = 0, 1, 2
+
+
+@dataclass
+class CorpusConfig:
+    """How the embedded simulated corpus is built (``ssip corpus build``)."""
+
+    n_subjects: int = field(4, help="simulated subjects; every prompt is spoken by exactly one")
+    electrodes_min: int = field(32, help="fewest electrodes a subject can have")
+    electrodes_max: int = field(128, help="most electrodes a subject can have (drawn uniformly)")
+    snr_db: float = field(-6.0, help="speech-driven over background 70-170 Hz power, dB, "
+                                     "over good responsive electrodes during speech")
+    seed: int = field(0, help="seed of every random draw; same config + seed = same corpus")
+    sfreq: float = field(1024.0, help="raw sampling rate, Hz (Verwoert et al.: 1024)")
+    line_freq: float = field(50.0, help="mains frequency, Hz (50 Europe, 60 Americas)")
+    unresponsive_fraction: float = field(0.25, help="share of electrodes not driven by speech")
+    bad_fraction: float = field(0.05, help="share of electrodes that are bad (flat or noisy)")
+    lead_ms_min: float = field(50.0, help="shortest neural lead over the audio, ms")
+    lead_ms_max: float = field(200.0, help="longest neural lead over the audio, ms")
+    gap_s_min: float = field(1.0, help="shortest fixation gap before each prompt, s")
+    gap_s_max: float = field(1.5, help="longest fixation gap before each prompt, s")
+    source: str = field("asterisk", help="speech: asterisk (553 prompts, 24 min, one speaker) "
+                                         "| pocketsphinx (12 prompts, 40 s)")
+    max_utterances: int | None = field(None, help="use only the first N prompts in id order "
+                                                  "(None = all)")
+    formats: list[str] = field(default_factory=lambda: ["nwb", "flinker"],
+                               help="layouts to write: nwb (iBIDS) and/or flinker (HDF5)")
+    n_tasks: int = field(5, help="contiguous task blocks per subject (Flinker TestNum_cum)")
+
+    def __post_init__(self) -> None:
+        check_range("n_subjects", self.n_subjects, 1, 1000)
+        check_range("electrodes_min", self.electrodes_min, 1, 4096)
+        check_range("electrodes_max", self.electrodes_max, self.electrodes_min, 4096)
+        if not math.isfinite(self.snr_db):
+            raise ConfigError(f"snr_db={self.snr_db!r} must be a finite number of dB")
+        check_range("snr_db", self.snr_db, -60.0, 60.0)
+        check_range("seed", self.seed, 0, 2**63 - 1)
+        # The 70-170 Hz carrier and the features' filters need Nyquist well above 170 Hz.
+        check_range("sfreq", self.sfreq, 2.2 * HIGH_GAMMA_BAND[1], 100_000.0)
+        check_range("line_freq", self.line_freq, 1.0, 1000.0)
+        check_range("unresponsive_fraction", self.unresponsive_fraction, 0.0, 1.0)
+        check_range("bad_fraction", self.bad_fraction, 0.0, 1.0)
+        if self.unresponsive_fraction + self.bad_fraction > 1.0:
+            raise ConfigError(
+                f"unresponsive_fraction + bad_fraction = "
+                f"{self.unresponsive_fraction + self.bad_fraction} exceeds 1; lower one of them"
+            )
+        check_range("lead_ms_min", self.lead_ms_min, 0.0, 1000.0)
+        check_range("lead_ms_max", self.lead_ms_max, self.lead_ms_min, 1000.0)
+        check_range("gap_s_min", self.gap_s_min, 0.1, 60.0)
+        check_range("gap_s_max", self.gap_s_max, self.gap_s_min, 60.0)
+        check_option("source", self.source, ["asterisk", "pocketsphinx"])
+        if self.max_utterances is not None:
+            check_range("max_utterances", self.max_utterances, 1, None)
+        if not self.formats:
+            raise ConfigError("formats is empty; choose one or more of ['nwb', 'flinker']")
+        for i, fmt in enumerate(self.formats):
+            check_option(f"formats[{i}]", fmt, ["nwb", "flinker"])
+        check_range("n_tasks", self.n_tasks, 1, 1000)
+
+
+@dataclass
+class EncodingModel:
+    """Ground-truth encoding model of one subject (module docstring, steps 1-6).
+
+    Attributes
+    ----------
+    spectral : ndarray, shape (n_electrodes, 80)
+        Spectral tuning ``w_e`` over mel bins (rows sum to 1; zero rows = unresponsive).
+    temporal : ndarray, shape (n_electrodes, 2 * 9 + 1)
+        Temporal kernel ``h_e`` over frame offsets -9..9 (rows sum to 1).
+    lead_s : ndarray, shape (n_electrodes,)
+        Neural lead ``L_e`` over the audio, s.
+    slope, threshold : ndarray, shape (n_electrodes,)
+        ``β_e`` and ``θ_e`` of the softplus nonlinearity (threshold in mel-above-floor units).
+    gain : ndarray, shape (n_electrodes,)
+        ``g_e`` in µV (includes the subject's SNR scale ``κ``); 0 for unresponsive electrodes.
+    """
+
+    spectral: np.ndarray
+    temporal: np.ndarray
+    lead_s: np.ndarray
+    slope: np.ndarray
+    threshold: np.ndarray
+    gain: np.ndarray
+
+    @property
+    def n_electrodes(self) -> int:
+        return int(self.spectral.shape[0])
+
+    def response(self, mel: np.ndarray) -> np.ndarray:
+        """Envelope ``r_e`` at audio time (steps 1-4, before the lead).
+
+        Parameters
+        ----------
+        mel : ndarray, shape (80, n_frames)
+            ssip log-mel at 100 frames/s (``MEL_FLOOR`` in silence).
+
+        Returns
+        -------
+        ndarray, shape (n_frames, n_electrodes), float64, µV, >= 0.
+        """
+        m = np.asarray(mel, dtype=np.float64) - melmod.MEL_FLOOR  # (80, T), 0 in silence
+        proj = self.spectral @ m  # (C, T)
+        drive = np.stack([np.convolve(p, h, mode="same") for p, h in zip(proj, self.temporal)])
+        beta, theta = self.slope[:, None], self.threshold[:, None]
+        resp = (_softplus(beta * (drive - theta)) - _softplus(-beta * theta)) / beta
+        return (self.gain[:, None] * resp).T
+
+    def envelope(self, mel: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+        """Neural high-gamma envelope ``a_e(t) = r_e(t + L_e)`` (steps 1-5).
+
+        Parameters
+        ----------
+        mel : ndarray, shape (80, n_frames)
+        times : ndarray, shape (n_times,), optional
+            Neural times in s; default the frame times ``k / 100``.
+
+        Returns
+        -------
+        ndarray, shape (n_times, n_electrodes), float64, µV.
+        """
+        resp = self.response(mel)  # (T, C)
+        if times is None:
+            times = np.arange(resp.shape[0]) / melmod.FRAME_RATE
+        out = np.empty((len(times), self.n_electrodes))
+        for e in range(self.n_electrodes):
+            out[:, e] = shifted_envelope(resp[:, e], times, self.lead_s[e])
+        return out
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+def shifted_envelope(resp: np.ndarray, times: np.ndarray, lead: float) -> np.ndarray:
+    """``r(t + lead)`` of one electrode by PCHIP through its 100 Hz frames; 0 past either end.
+
+    Parameters
+    ----------
+    resp : ndarray, shape (n_frames,)
+        ``r_e`` at frame times ``k / 100`` s.
+    times : ndarray, shape (n_times,)
+        Neural times in s.
+    lead : float
+        Lead in s.
+
+    Returns
+    -------
+    ndarray, shape (n_times,), float64, >= 0.
+    """
+    t = np.asarray(times, dtype=np.float64) + lead
+    last = (len(resp) - 1) / melmod.FRAME_RATE
+    inside = (t >= 0) & (t <= last)
+    out = np.zeros(len(t))
+    if inside.any() and np.any(resp):
+        knots = np.arange(len(resp)) / melmod.FRAME_RATE
+        out[inside] = scipy.interpolate.PchipInterpolator(knots, resp)(t[inside])
+    return np.maximum(out, 0.0)  # PCHIP does not overshoot the data; clip rounding only
+
+
+@dataclass
+class Trial:
+    """One spoken prompt in a subject's timeline (times in s from the recording start)."""
+
+    utt_id: str
+    transcript: str
+    onset_s: float
+    duration_s: float
+    task: int
+    speaker: str
+
+
+@dataclass
+class SimulatedSubject:
+    """Everything simulated for one subject; what the writers put on disk.
+
+    Attributes
+    ----------
+    subject : str
+        BIDS label, e.g. ``"sim01"``.
+    raw : ndarray, shape (n_samples, n_electrodes), float32
+        Raw recording in µV at ``sfreq``.
+    audio : ndarray, shape (n_audio,), float32
+        16 kHz audio track (loudness-normalised prompts, zeros between), same start as ``raw``.
+    mel : ndarray, shape (80, n_frames), float32
+        Ground-truth ssip mel of the audio track, 100 frames/s.
+    envelope : ndarray, shape (n_frames, n_electrodes), float32
+        True speech-driven high-gamma amplitude ``a_e`` at neural frame times, µV.
+    """
+
+    subject: str
+    index: int
+    sfreq: float
+    line_freq: float
+    raw: np.ndarray
+    audio: np.ndarray
+    mel: np.ndarray
+    envelope: np.ndarray
+    model: EncodingModel
+    channel_names: list[str]
+    unresponsive: np.ndarray
+    bad: np.ndarray
+    bad_kind: list[str]
+    background_band_rms: np.ndarray
+    aperiodic_exponent: np.ndarray
+    line_amplitude: np.ndarray
+    scale: float
+    snr_db: float
+    trials: list[Trial]
+    n_tasks: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.raw.shape[0] / self.sfreq
+
+    @property
+    def good(self) -> np.ndarray:
+        return ~self.bad
+
+
+def deal_utterances(utterances: list[Utterance], n_subjects: int, seed: int) -> list[list[Utterance]]:
+    """Deal prompts to subjects: each prompt goes to exactly one subject.
+
+    The id-sorted prompts are shuffled by ``seed`` and dealt round-robin, so subject sizes differ
+    by at most one and each subject's order is the shuffled order.
+    """
+    ordered = sorted(utterances, key=lambda u: u.utt_id)
+    ids = [u.utt_id for u in ordered]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"utterance ids must be unique; repeated: {dup[:5]}")
+    if len(ordered) < n_subjects:
+        raise ConfigError(
+            f"{len(ordered)} utterance(s) cannot be dealt to n_subjects={n_subjects}; "
+            "raise max_utterances or lower n_subjects"
+        )
+    rng = np.random.default_rng([seed, _STREAM_DEAL, 0, 0])
+    order = rng.permutation(len(ordered))
+    return [[ordered[i] for i in order[s::n_subjects]] for s in range(n_subjects)]
+
+
+def _layout(utts: list[Utterance], rng: np.random.Generator, cfg: CorpusConfig):
+    """Prompt start samples (16 kHz, on mel frames) and the total length of the audio track."""
+    starts, pos = [], 0
+    for u in utts:
+        pos += _HOP * int(round(rng.uniform(cfg.gap_s_min, cfg.gap_s_max) * melmod.FRAME_RATE))
+        starts.append(pos)
+        pos += _HOP * math.ceil(len(u.audio) / _HOP)
+    pos += _HOP * int(round(rng.uniform(cfg.gap_s_min, cfg.gap_s_max) * melmod.FRAME_RATE))
+    # Round the track to 0.25 s so that common raw rates (1024, 1000, 512, 2048 Hz) give a whole
+    # number of raw samples for the same duration.
+    quantum = melmod.SAMPLE_RATE // 4
+    return starts, quantum * math.ceil(pos / quantum)
+
+
+def _draw_model(n: int, unresponsive: np.ndarray, rng: np.random.Generator,
+                cfg: CorpusConfig) -> EncodingModel:
+    """Random encoding-model parameters (module docstring, steps 2-6), gain before ``κ``."""
+    bins = np.arange(melmod.N_MELS)
+    centre = rng.uniform(0, melmod.N_MELS - 1, n)
+    width = rng.uniform(2.0, 12.0, n)
+    spectral = np.exp(-0.5 * ((bins[None, :] - centre[:, None]) / width[:, None]) ** 2)
+    spectral /= spectral.sum(axis=1, keepdims=True)
+    sigma_t = rng.uniform(1.0, 3.0, n)
+    k = np.arange(-_KERNEL_HALF, _KERNEL_HALF + 1)
+    temporal = np.exp(-0.5 * (k[None, :] / sigma_t[:, None]) ** 2)
+    temporal /= temporal.sum(axis=1, keepdims=True)
+    lead_s = rng.uniform(cfg.lead_ms_min, cfg.lead_ms_max, n) / 1000.0
+    slope = rng.uniform(3.0, 8.0, n)
+    threshold = rng.uniform(0.3, 0.9, n)
+    gain = np.exp(rng.normal(0.0, 0.35, n))
+    spectral[unresponsive] = 0.0
+    gain[unresponsive] = 0.0
+    return EncodingModel(spectral, temporal, lead_s, slope, threshold, gain)
+
+
+def _band_power(x: np.ndarray, sfreq: float, band: tuple[float, float]) -> float:
+    """Mean power of ``x`` (n_samples,) in ``band`` from its periodogram (Parseval)."""
+    spec = np.fft.rfft(x)
+    freqs = np.fft.rfftfreq(len(x), 1.0 / sfreq)
+    sel = (freqs >= band[0]) & (freqs <= band[1])
+    return float(2.0 * np.sum(np.abs(spec[sel]) ** 2) / len(x) ** 2)
+
+
+def _background(rng: np.random.Generator, n: int, sfreq: float, chi: float,
+                band_rms: float) -> np.ndarray:
+    """Aperiodic noise with power ∝ 1/f^chi, high-passed, ``band_rms`` µV RMS in 70-170 Hz."""
+    # neurodsp's sim_powerlaw draws from numpy's global RNG, which would make the corpus depend
+    # on what else ran in the process; feed the same spectral rotation (Timmer & Koenig 1995,
+    # neurodsp.sim.utils.rotate_timeseries) white noise from this electrode's own Generator.
+    from neurodsp.sim.utils import rotate_timeseries
+
+    sig = rotate_timeseries(rng.standard_normal(n), sfreq, chi)  # chi > 0 steepens
+    sos = scipy.signal.butter(2, BACKGROUND_HIGHPASS_HZ, "highpass", fs=sfreq, output="sos")
+    sig = scipy.signal.sosfiltfilt(sos, sig)
+    return sig * (band_rms / math.sqrt(_band_power(sig, sfreq, HIGH_GAMMA_BAND)))
+
+
+def _carrier(rng: np.random.Generator, n: int, sfreq: float) -> np.ndarray:
+    """Gaussian noise band-passed to 70-170 Hz, unit RMS."""
+    sos = scipy.signal.butter(4, HIGH_GAMMA_BAND, "bandpass", fs=sfreq, output="sos")
+    c = scipy.signal.sosfiltfilt(sos, rng.standard_normal(n))
+    return c / np.sqrt(np.mean(c**2))
+
+
+def simulate_subject(
+    utterances: list[Utterance], cfg: CorpusConfig, index: int,
+    mels: dict[str, np.ndarray] | None = None,
+) -> SimulatedSubject:
+    """Simulate one subject speaking ``utterances`` in the given order (pure: no file I/O).
+
+    Parameters
+    ----------
+    utterances : list of Utterance
+        The subject's prompts in spoken order.
+    cfg : CorpusConfig
+    index : int
+        Subject index (0-based); with ``cfg.seed`` it seeds every draw.
+    mels : dict, optional
+        utt_id -> ssip mel (80, n_frames) of the loudness-normalised prompt, if already known.
+
+    Returns
+    -------
+    SimulatedSubject
+    """
+    subject = f"sim{index + 1:02d}"
+    if len(utterances) < cfg.n_tasks:
+        raise ConfigError(
+            f"subject {subject} has {len(utterances)} prompt(s), fewer than n_tasks={cfg.n_tasks}; "
+            "lower n_tasks or n_subjects, or raise max_utterances"
+        )
+    rng = np.random.default_rng([cfg.seed, _STREAM_SUBJECT, index, 0])
+    n_el = int(rng.integers(cfg.electrodes_min, cfg.electrodes_max + 1))
+
+    # Timeline: audio track and its mel (MEL_FLOOR in the gaps).
+    starts, n_audio = _layout(utterances, rng, cfg)
+    n_frames = n_audio // _HOP
+    audio = np.zeros(n_audio, dtype=np.float32)
+    mel = np.full((melmod.N_MELS, n_frames), melmod.MEL_FLOOR, dtype=np.float32)
+    for u, s in zip(utterances, starts):
+        x = melmod.normalize_loudness(u.audio)
+        audio[s : s + len(x)] = x
+        m = mels[u.utt_id] if mels is not None else prompt_mel(u)
+        mel[:, s // _HOP : s // _HOP + m.shape[1]] = m
+    task_of = np.repeat(np.arange(1, cfg.n_tasks + 1),
+                        [len(b) for b in np.array_split(np.arange(len(utterances)), cfg.n_tasks)])
+    trials = [
+        Trial(u.utt_id, u.transcript, s / melmod.SAMPLE_RATE, len(u.audio) / melmod.SAMPLE_RATE,
+              int(t), u.speaker)
+        for u, s, t in zip(utterances, starts, task_of)
+    ]
+
+    # Electrodes: which are bad, which unresponsive (disjoint), and the encoding model.
+    perm = rng.permutation(n_el)
+    n_bad = int(round(cfg.bad_fraction * n_el))
+    n_unresp = int(round(cfg.unresponsive_fraction * n_el))
+    bad = np.zeros(n_el, dtype=bool)
+    bad[perm[:n_bad]] = True
+    unresponsive = np.zeros(n_el, dtype=bool)
+    unresponsive[perm[n_bad : n_bad + n_unresp]] = True
+    bad_kind = [""] * n_el
+    for e in perm[:n_bad]:
+        bad_kind[e] = str(rng.choice(["flat", "noisy"]))
+    model = _draw_model(n_el, unresponsive, rng, cfg)
+    exponent = rng.uniform(1.5, 2.5, n_el)
+    bg_rms = BACKGROUND_BAND_RMS_UV * np.exp(rng.normal(0.0, 0.2, n_el))
+    line_amp = rng.uniform(2.0, 10.0, n_el)
+    line_phase = rng.uniform(0, 2 * np.pi, 3)
+
+    # SNR scale kappa (step 8) from the envelope at frame times during the spoken prompts.
+    env = model.envelope(mel)  # (T, C) before kappa
+    frame_t = np.arange(n_frames) / melmod.FRAME_RATE
+    in_words = np.zeros(n_frames, dtype=bool)
+    for tr in trials:
+        in_words |= (frame_t >= tr.onset_s) & (frame_t < tr.onset_s + tr.duration_s)
+    counted = ~bad & ~unresponsive
+    speech_power = float(np.sum(np.mean(env[in_words][:, counted] ** 2, axis=0)))
+    bg_power = float(np.sum(bg_rms[counted] ** 2))
+    if counted.any() and speech_power > 0:
+        scale = math.sqrt(10 ** (cfg.snr_db / 10) * bg_power / speech_power)
+    else:
+        scale = 0.0  # no good responsive electrode: nothing to scale
+    model.gain *= scale
+    env *= scale
+
+    # Raw rendering (step 7, 9), one electrode at a time to bound memory.
+    n_raw = int(round(n_audio / melmod.SAMPLE_RATE * cfg.sfreq))
+    t_raw = np.arange(n_raw) / cfg.sfreq
+    line = sum(
+        np.sin(2 * np.pi * h * cfg.line_freq * t_raw + line_phase[h - 1]) / h**2
+        for h in (1, 2, 3) if h * cfg.line_freq < cfg.sfreq / 2
+    )
+    resp = model.response(mel)  # (T, C), with kappa
+    raw = np.empty((n_raw, n_el), dtype=np.float32)
+    for e in range(n_el):
+        erng = np.random.default_rng([cfg.seed, _STREAM_ELECTRODE, index, e])
+        if bad_kind[e] == "flat":
+            raw[:, e] = 0.0
+            continue
+        if bad_kind[e] == "noisy":
+            raw[:, e] = NOISY_CHANNEL_RMS_UV * erng.standard_normal(n_raw) + 10 * line_amp[e] * line
+            continue
+        x = _background(erng, n_raw, cfg.sfreq, exponent[e], bg_rms[e]) + line_amp[e] * line
+        if model.gain[e] > 0:
+            a = shifted_envelope(resp[:, e], t_raw, model.lead_s[e])
+            x += a * _carrier(erng, n_raw, cfg.sfreq)
+        raw[:, e] = x
+
+    return SimulatedSubject(
+        subject=subject, index=index, sfreq=cfg.sfreq, line_freq=cfg.line_freq, raw=raw,
+        audio=audio, mel=mel, envelope=env.astype(np.float32), model=model,
+        channel_names=[f"E{e + 1:03d}" for e in range(n_el)], unresponsive=unresponsive,
+        bad=bad, bad_kind=bad_kind, background_band_rms=bg_rms, aperiodic_exponent=exponent,
+        line_amplitude=line_amp, scale=scale, snr_db=cfg.snr_db, trials=trials,
+        n_tasks=cfg.n_tasks,
+    )
+
+
+def prompt_mel(u: Utterance) -> np.ndarray:
+    """ssip mel of a loudness-normalised prompt, shape (80, len(audio) // 160), float32."""
+    return melmod.log_mel(melmod.normalize_loudness(u.audio)).numpy().astype(np.float32)
+
+
+def build_corpus(
+    cfg: CorpusConfig,
+    out_dir: str | Path,
+    utterances: list[Utterance] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build the simulated corpus: BIDS NWB and/or Flinker HDF5 per subject, plus ground truth.
+
+    Parameters
+    ----------
+    cfg : CorpusConfig
+    out_dir : path
+        Output folder; gets ``bids/``, ``flinker/``, ``ground_truth/`` and ``corpus.json``.
+    utterances : list of Utterance, optional
+        Speech to use instead of ``cfg.source`` (sorted by id, then ``cfg.max_utterances``).
+    progress : bool
+        Show a tqdm bar over subjects.
+
+    Returns
+    -------
+    dict
+        The corpus card, also written to ``out_dir/corpus.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from ssip.data import formats
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if utterances is None:
+        utterances = read_source(cfg.source, limit=cfg.max_utterances)
+    else:
+        utterances = sorted(utterances, key=lambda u: u.utt_id)[: cfg.max_utterances]
+    dealt = deal_utterances(utterances, cfg.n_subjects, cfg.seed)
+    mels = {u.utt_id: prompt_mel(u) for u in utterances}
+
+    subjects = []
+    if "nwb" in cfg.formats:
+        formats.write_bids_dataset(out / "bids", cfg.n_subjects, config_hash(cfg))
+    for index in tqdm(range(cfg.n_subjects), desc="corpus subjects", disable=not progress):
+        sim = simulate_subject(dealt[index], cfg, index, mels)
+        files = formats.write_ground_truth(sim, out / "ground_truth")
+        if "nwb" in cfg.formats:
+            files += formats.write_bids_subject(sim, out / "bids")
+        if "flinker" in cfg.formats:
+            files.append(formats.write_flinker(sim, out / "flinker" / f"sub-{sim.subject}.h5"))
+        subjects.append({
+            "subject": sim.subject,
+            "n_electrodes": int(sim.raw.shape[1]),
+            "n_good": int(sim.good.sum()),
+            "n_bad": int(sim.bad.sum()),
+            "n_unresponsive": int(sim.unresponsive.sum()),
+            "n_trials": len(sim.trials),
+            "duration_s": round(sim.duration_s, 3),
+            "speech_s": round(sum(t.duration_s for t in sim.trials), 3),
+            "files": sorted(str(Path(f).relative_to(out)) for f in files),
+        })
+        del sim  # free the raw array before the next subject
+
+    sources: dict[tuple[str, str, str], dict] = {}
+    for u in utterances:
+        key = (u.source, u.speaker, u.license)
+        entry = sources.setdefault(key, {"source": u.source, "speaker": u.speaker,
+                                         "license": u.license, "n_utterances": 0,
+                                         "duration_s": 0.0})
+        entry["n_utterances"] += 1
+        entry["duration_s"] += u.duration
+    for entry in sources.values():
+        entry["duration_s"] = round(entry["duration_s"], 3)
+    card = {
+        "name": "ssip simulated corpus",
+        "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "mel_version": melmod.MEL_VERSION,
+        "units": {"raw": "uV", "envelope": "uV", "audio": "full scale, loudness-normalised"},
+        "start_clock_s": START_CLOCK_S,
+        "encoding_model": "see ssip.data.simulate module docstring",
+        "speech_sources": list(sources.values()),
+        "n_utterances": len(utterances),
+        "subjects": subjects,
+    }
+    (out / "corpus.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card

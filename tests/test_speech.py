@@ -1,0 +1,111 @@
+"""Readers of the real speech shipped in Debian packages (asterisk prompts, pocketsphinx tests)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ssip.data import speech
+
+
+def test_clean_transcript_removes_annotations():
+    assert speech.clean_transcript("[ascending tones]") == ""
+    assert speech.clean_transcript("(10 seconds of silence)") == ""
+    assert speech.clean_transcript("at [@]") == "at"
+    assert speech.clean_transcript('IAX (note: does not say "2")') == "IAX"
+    assert speech.clean_transcript("Thank  you.\t") == "Thank you."
+
+
+def test_transcript_parser(tmp_path):
+    path = tmp_path / "sounds.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("; a comment: with a colon\n\nbeep: [a beep]\n"
+                 "dictate/both_help: press * to toggle: pause\n")
+    texts = speech.read_asterisk_transcripts(path)
+    # Only the first colon separates name and text; comment and blank lines are skipped.
+    assert texts == {"beep": "[a beep]", "dictate/both_help": "press * to toggle: pause"}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no colon here\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1"):
+        speech.read_asterisk_transcripts(bad)
+
+
+def test_asterisk_prompt_list():
+    prompts = speech.asterisk_prompts()
+    ids = [p[0] for p in prompts]
+    # 568 .g722 files; 5 tones/beeps/monkeys and 10 silence files carry no words.
+    assert len(prompts) == 553
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert not any(n in ids for n in ("asterisk-en/beep", "asterisk-en/ascending-2tone",
+                                      "asterisk-en/tt-monkeys", "asterisk-en/silence/1"))
+    texts = dict((p[0], p[2]) for p in prompts)
+    assert texts["asterisk-en/at-tone-time-exactly"].startswith("At the sound of the tone")
+    assert texts["asterisk-en/dictate/both_help"].startswith("press * to toggle pause")
+    assert texts["asterisk-en/letters/at"] == "at"
+
+
+def test_read_asterisk_first_prompts():
+    utts = speech.read_asterisk(limit=6)
+    assert [u.utt_id for u in utts] == [p[0] for p in speech.asterisk_prompts()[:6]]
+    by_id = {u.utt_id: u for u in utts}
+    u = by_id["asterisk-en/agent-loginok"]
+    assert u.transcript == "Agent logged in."
+    assert (u.speaker, u.source, u.license) == ("asterisk-en-allison", "asterisk-en", "CC-BY-SA-3.0")
+    for u in utts:
+        name = u.utt_id.removeprefix("asterisk-en/")
+        size = os.path.getsize(speech.ASTERISK_SOUNDS_DIR / f"{name}.g722")
+        # G.722 at 64 kbit/s codes 16 kHz audio in 4 bits per sample: 2 samples per byte.
+        assert len(u.audio) == 2 * size, u.utt_id
+        assert u.audio.dtype == np.float32 and np.abs(u.audio).max() <= 1.0
+        assert np.sqrt(np.mean(u.audio**2)) > 0.01, f"{u.utt_id} is silent"
+
+
+def test_decode_errors_name_the_file(tmp_path, monkeypatch):
+    junk = tmp_path / "missing.g722"
+    with pytest.raises(RuntimeError, match=r"missing\.g722"):
+        speech.decode_g722(junk)
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"ffmpeg is needed to decode .*missing\.g722"):
+        speech.decode_g722(junk)
+
+
+@pytest.mark.slow
+def test_read_asterisk_all():
+    utts = speech.read_asterisk()
+    assert len(utts) == 553
+    # 24.27 min of speech at 16 kHz (2 samples per G.722 byte, so exact up to rounding).
+    assert speech.total_duration(utts) / 60 == pytest.approx(24.2728, abs=1e-3)
+    assert min(np.sqrt(np.mean(u.audio**2)) for u in utts) > 1e-3
+
+
+def test_read_pocketsphinx():
+    utts = speech.read_pocketsphinx()
+    again = speech.read_pocketsphinx()
+    ids = [u.utt_id for u in utts]
+    assert len(utts) == 12
+    assert ids == sorted(ids) == [u.utt_id for u in again]
+    assert all(np.array_equal(a.audio, b.audio) for a, b in zip(utts, again))
+    by_id = {u.utt_id: u for u in utts}
+    assert by_id["pocketsphinx/cards-001"].transcript == "ten of clubs"
+    assert by_id["pocketsphinx/goforward"].transcript == "go forward ten meters"
+    assert by_id["pocketsphinx/librivox-sense_and_sensibility_01_austen_64kb-0880"].transcript == (
+        "he was not an ill disposed young man")
+    for u in utts:
+        assert u.audio.dtype == np.float32 and u.source == "pocketsphinx"
+        assert np.sqrt(np.mean(u.audio**2)) > 0.005, f"{u.utt_id} is silent"
+    # WAV files read the same through libsndfile; .raw files are 2 bytes per sample.
+    ref, sr = sf.read(speech.POCKETSPHINX_ROOT / "cards" / "001.wav", dtype="float32")
+    assert sr == 16000 and np.array_equal(ref, by_id["pocketsphinx/cards-001"].audio)
+    raw_size = os.path.getsize(speech.POCKETSPHINX_ROOT / "goforward.raw")
+    assert len(by_id["pocketsphinx/goforward"].audio) == raw_size // 2
+    assert speech.total_duration(utts) == pytest.approx(39.5666, abs=1e-3)
+
+
+def test_read_source_rejects_unknown():
+    with pytest.raises(ValueError, match="'librispeech' is unknown"):
+        speech.read_source("librispeech")
+    assert len(speech.read_source("pocketsphinx", limit=3)) == 3
