@@ -153,25 +153,36 @@ def log_mel(audio: torch.Tensor | np.ndarray, log10_floor: float | None = LOG10_
     return out.reshape(*batch_shape, N_MELS, out.shape[-1])
 
 
-def mel_to_power(mel: torch.Tensor, n_iter: int = 200) -> torch.Tensor:
+@functools.lru_cache(maxsize=1)
+def _filters_pinv() -> torch.Tensor:
+    # Minimum-norm least-squares inverse of the filterbank, (201, 80). torch.linalg.lstsq needs
+    # driver="gelsd" here (the 80x201 filterbank is rank-deficient in float32 for other
+    # drivers); computing it once as a matrix makes every later inversion one matmul.
+    fb = mel_filters(dtype=torch.float64)
+    eye = torch.eye(N_MELS, dtype=torch.float64)
+    return torch.linalg.lstsq(fb, eye, driver="gelsd").solution
+
+
+def mel_to_power(mel: torch.Tensor, n_iter: int = 50) -> torch.Tensor:
     """Invert the log and the filterbank: ssip mel (..., 80, T) -> power spectrum (..., 201, T).
 
-    Starts from the minimum-norm least-squares solution (``torch.linalg.lstsq`` needs
-    driver="gelsd" here: the 80x201 filterbank is rank-deficient in float32 for other drivers),
-    then runs projected multiplicative updates that keep the power non-negative (NNLS).
+    Starts from the minimum-norm least-squares solution, then runs multiplicative updates
+    (Lee & Seung) for min ||fb p - mel power|| with p >= 0 (NNLS). All frames of all items go
+    through one (201 x 201) matmul per update (float32 after the float64 start: 50 updates
+    bring the mel error under 1e-2 and cost about 0.6 GFLOP per 300 frames).
     """
     m = torch.as_tensor(mel, dtype=torch.float64)
-    target = 10.0 ** (m * 4.0 - 4.0)  # (..., 80, T) mel power
+    shape = m.shape
+    target = 10.0 ** (m.reshape(-1, N_MELS, shape[-1]) * 4.0 - 4.0)  # (B, 80, T) mel power
+    t2 = target.permute(1, 0, 2).reshape(N_MELS, -1)  # (80, B*T)
     fb = mel_filters(dtype=torch.float64)  # (80, 201)
-    shape = target.shape
-    t2 = target.reshape(-1, N_MELS, shape[-1])
-    fbb = fb.expand(t2.shape[0], -1, -1)
-    sol = torch.linalg.lstsq(fbb, t2, driver="gelsd").solution  # (B, 201, T)
-    p = sol.clamp_min(1e-12)
-    # Multiplicative updates for min ||fb p - t|| with p >= 0 (Lee & Seung); cheap (80x201).
-    fbt = fb.T
+    fbt = fb.T.contiguous()
+    p = (_filters_pinv() @ t2).clamp_min(1e-12).float()  # (201, B*T)
+    numer = (fbt @ t2).float()
+    gram = (fbt @ fb).float()  # (201, 201)
     for _ in range(n_iter):
-        p = p * (fbt @ t2) / (fbt @ (fb @ p) + 1e-20)
+        p = p * numer / (gram @ p + 1e-30)
+    p = p.reshape(1 + N_FFT // 2, -1, shape[-1]).permute(1, 0, 2)
     return p.reshape(*shape[:-2], 1 + N_FFT // 2, shape[-1]).float()
 
 

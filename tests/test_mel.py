@@ -78,7 +78,7 @@ def test_mel_to_power_inverts_filterbank():
     rng = np.random.default_rng(0)
     power = torch.from_numpy(rng.gamma(2.0, 1e-3, size=(201, 50)))
     m = (torch.log10(mel.mel_filters(dtype=torch.float64) @ power) + 4) / 4
-    rec = mel.mel_to_power(m)
+    rec = mel.mel_to_power(m, n_iter=200)
     m2 = (torch.log10(mel.mel_filters(dtype=torch.float64) @ rec.double()) + 4) / 4
     torch.testing.assert_close(m2, m, atol=2e-3, rtol=0)
 

@@ -1,0 +1,245 @@
+"""Scoring decoded trials against the ingest dataset, and the report (Markdown + PNG + WAV).
+
+Input: a decoded table (parquet; columns subject, trial_id, method, mel (80, T) tensor) and the
+ingest root it was decoded from (reference mel, audio and transcript per trial). Output, under
+``out``: ``metrics.parquet`` (one row per subject x trial x method), ``summary.csv``,
+``report.md``, ``figures/*.png`` and ``wavs/<method>/<subject>/<trial>.wav``.
+
+The metric functions are pure (:mod:`ssip.evaluate.metrics`); this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ssip import storage
+from ssip.config import check_option, field
+from ssip.data.dataset import _tensor_values, load_trials
+from ssip.evaluate import metrics as M
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """How decoded trials are scored."""
+
+    vocoder: str = field("griffinlim", help="griffinlim | hifigan: mel -> audio for STOI and ASR")
+    asr_model: str = field("tiny.en", help="Whisper for ASR WER/CER (tiny.en | base | none)")
+    chance_shifts: int = field(10, help="circular shifts for the mel-PCC chance level")
+    figures_per_subject: int = field(3, help="trials per subject drawn as true vs decoded PNG")
+    write_wavs: bool = field(True, help="write the vocoded audio of every decoded trial")
+
+    def __post_init__(self) -> None:
+        check_option("vocoder", self.vocoder, ["griffinlim", "hifigan"])
+        check_option("asr_model", self.asr_model, ["tiny.en", "base", "none"])
+
+
+def read_decoded(uri: str) -> list[dict]:
+    """Rows of a decoded table: subject, trial_id, method, mel (80, T) [, draw]."""
+    fs, path = storage.filesystem(uri)
+    table = pq.read_table(path, filesystem=fs)
+    missing = {"subject", "trial_id", "method", "mel"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{uri}: decoded table lacks column(s) {sorted(missing)}")
+    mels = _tensor_values(table.column("mel"))
+    rest = table.drop(["mel"]).to_pylist()
+    for r, m in zip(rest, mels, strict=True):
+        r["mel"] = np.asarray(m, dtype=np.float32)
+    return rest
+
+
+def decoded_table(rows: list[dict]) -> pa.Table:
+    """Build a decoded table from dicts with subject, trial_id, method, mel."""
+    from ssip.data.schema import tensor_column
+
+    return pa.table({
+        "subject": pa.array([r["subject"] for r in rows], pa.string()),
+        "trial_id": pa.array([r["trial_id"] for r in rows], pa.string()),
+        "method": pa.array([r["method"] for r in rows], pa.string()),
+        "mel": tensor_column([r["mel"] for r in rows]),
+    })
+
+
+def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], cfg: EvaluateConfig,
+                 vocoder=None, asr=None) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]]:
+    """Per-trial metrics; returns (rows, vocoded audio by (method, subject/trial_id)).
+
+    ``asr`` is a callable list[ndarray audio] -> list[str], or None to skip ASR.
+    """
+    rows, audio_out = [], {}
+    for d in decoded:
+        key = (d["subject"], d["trial_id"])
+        if key not in references:
+            raise KeyError(f"decoded trial subject={key[0]} trial={key[1]} is not in the ingest dataset")
+        ref = references[key]
+        mel_d, mel_r = d["mel"], ref["mel"]
+        if mel_d.shape != mel_r.shape:
+            raise ValueError(f"subject={key[0]} trial={key[1]} method={d['method']}: decoded mel "
+                             f"{mel_d.shape} but reference {mel_r.shape}")
+        pcc, pcc_why = M.mel_pcc_with_reason(mel_d, mel_r)
+        chance = M.chance_level(M.mel_pcc, mel_d, mel_r, n_shifts=cfg.chance_shifts) \
+            if mel_d.shape[1] >= 20 else (math.nan, math.nan)
+        row = {"subject": key[0], "trial_id": key[1], "method": d["method"], "draw": d.get("draw", -1),
+               "split": ref.get("split", ""), "transcript": ref.get("transcript", ""),
+               "mel_pcc": pcc, "mel_pcc_flat": M.mel_pcc_flat(mel_d, mel_r),
+               "mel_pcc_chance": chance[0], "mcd": M.mcd(mel_d, mel_r), "reason": pcc_why or ""}
+        if vocoder is not None:
+            wav = vocoder(mel_d).numpy()[0]
+            audio_out[(d["method"], f"{key[0]}/{key[1]}")] = wav
+            s, why = M.stoi_with_reason(ref["audio"], wav)
+            row["stoi"], row["estoi"] = s, M.estoi(ref["audio"], wav) if why is None else math.nan
+            row["reason"] = "; ".join(x for x in (row["reason"], why or "") if x)
+        rows.append(row)
+    if asr is not None and audio_out:
+        keys = [(r["method"], f"{r['subject']}/{r['trial_id']}") for r in rows]
+        texts = asr([audio_out[k] for k in keys])
+        for r, t in zip(rows, texts, strict=True):
+            r["asr"] = t
+            r["wer"] = M.wer(r["transcript"], t) if r["transcript"] else math.nan
+            r["cer"] = M.cer(r["transcript"], t) if r["transcript"] else math.nan
+        # Closed-set identification within each (subject, method), among the evaluated trials.
+        groups = defaultdict(list)
+        for i, r in enumerate(rows):
+            groups[(r["subject"], r["method"], r["draw"])].append(i)
+        for idx in groups.values():
+            cands = {M.normalize_text(rows[i]["transcript"]) for i in idx}
+            if len(cands) < 2:
+                continue
+            hits, chance = M.closed_set_identification([rows[i]["asr"] for i in idx],
+                                                       [rows[i]["transcript"] for i in idx])
+            for i, h in zip(idx, hits, strict=True):
+                rows[i]["identified"], rows[i]["identified_chance"] = float(h), chance
+    return rows, audio_out
+
+
+METRIC_COLUMNS = ("mel_pcc", "mel_pcc_flat", "mel_pcc_chance", "mcd", "stoi", "estoi", "wer", "cer",
+                  "identified", "identified_chance")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean of each metric per (subject, method), plus a pooled row per method (subject '*')."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["subject"], r["method"])].append(r)
+        groups[("*", r["method"])].append(r)
+    out = []
+    for (subject, method), rs in sorted(groups.items()):
+        s = {"subject": subject, "method": method, "n_trials": len({r["trial_id"] for r in rs})}
+        for c in METRIC_COLUMNS:
+            vals = [r[c] for r in rs if c in r and r[c] is not None and not math.isnan(r[c])]
+            s[c] = float(np.mean(vals)) if vals else math.nan
+        out.append(s)
+    return out
+
+
+def _markdown_table(summary: list[dict]) -> str:
+    cols = ["subject", "method", "n_trials"] + [c for c in METRIC_COLUMNS
+                                                if any(not math.isnan(s[c]) for s in summary)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for s in summary:
+        cells = [f"{s[c]:.3f}" if isinstance(s[c], float) else str(s[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figure(path: str, ref: np.ndarray, decoded: dict[str, np.ndarray], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 1 + len(decoded)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n), sharex=True, squeeze=False)
+    for ax, (name, m) in zip(axes[:, 0], [("truth", ref), *decoded.items()], strict=True):
+        ax.imshow(m, origin="lower", aspect="auto", vmin=ref.min(), vmax=ref.max(), cmap="magma")
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1, 0].set_xlabel("frame (10 ms)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
+             leakage_note: str = "") -> list[dict]:
+    """Score a decoded table against its ingest dataset and write the report; returns the summary."""
+    import soundfile as sf
+
+    decoded = read_decoded(decoded_uri)
+    subjects = sorted({d["subject"] for d in decoded})
+    references = {}
+    for s in subjects:
+        for r in load_trials(ingest_root, subject=s):
+            references[(r["subject"], r["trial_id"])] = r
+    vocoder = None
+    if cfg.vocoder:
+        from ssip.models.vocoder import get_vocoder
+
+        vocoder = get_vocoder(cfg.vocoder)
+    asr = None
+    if cfg.asr_model != "none":
+        from ssip.models.whisper import load_whisper, transcribe
+
+        model, tok, spec = load_whisper(cfg.asr_model)
+
+        def asr(audios):
+            return transcribe(model, tok, audios, spec)
+
+    log.info("scoring %d decoded trial(s) of %d subject(s)", len(decoded), len(subjects))
+    rows, audio = score_trials(decoded, references, cfg, vocoder, asr)
+    os.makedirs(out, exist_ok=True)
+    cols = sorted({k for r in rows for k in r})
+    pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in cols}), os.path.join(out, "metrics.parquet"))
+    summary = summarize(rows)
+    with open(os.path.join(out, "summary.csv"), "w") as f:
+        keys = list(summary[0])
+        f.write(",".join(keys) + "\n")
+        for s in summary:
+            f.write(",".join(str(s[k]) for k in keys) + "\n")
+    wav_links = []
+    if cfg.write_wavs:
+        for (method, key), wav in sorted(audio.items()):
+            rel = os.path.join("wavs", method, key.replace(":", "_") + ".wav")
+            os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+            sf.write(os.path.join(out, rel), wav, 16000)
+            wav_links.append((method, key, rel))
+    fig_links = []
+    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    by_trial = defaultdict(dict)
+    for d in decoded:
+        if d.get("draw", -1) in (-1, 0):
+            by_trial[(d["subject"], d["trial_id"])].setdefault(d["method"], d["mel"])
+    for s in subjects:
+        keys = sorted(k for k in by_trial if k[0] == s)[: cfg.figures_per_subject]
+        for k in keys:
+            rel = os.path.join("figures", f"{k[0]}_{k[1].replace('/', '_')}.png")
+            _figure(os.path.join(out, rel), references[k]["mel"], by_trial[k],
+                    f"subject {k[0]} trial {k[1]}: {references[k].get('transcript', '')}")
+            fig_links.append((k, rel))
+    lines = ["# ssip evaluation", "",
+             f"Decoded: `{decoded_uri}`; reference: `{ingest_root}`; vocoder {cfg.vocoder}; "
+             f"ASR {cfg.asr_model}.", ""]
+    if leakage_note:
+        lines += [f"**Leakage:** {leakage_note}", ""]
+    lines += ["## Summary (mean per trial; subject * pools all subjects)", "", _markdown_table(summary), "",
+              "mel_pcc: mean over bins of Pearson r on speech frames; mel_pcc_chance: the same for "
+              "the decoded mel circularly shifted; identified: closed-set identification rate "
+              "among the evaluated trials' transcripts (chance: identified_chance).", "",
+              "## Figures", ""]
+    lines += [f"![{k[0]} {k[1]}]({rel})" for k, rel in fig_links]
+    if wav_links:
+        lines += ["", "## Audio", ""]
+        lines += [f"- {method} {key}: [{os.path.basename(rel)}]({rel})" for method, key, rel in wav_links]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log.info("report written to %s", os.path.join(out, "report.md"))
+    return summary

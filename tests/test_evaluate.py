@@ -1,0 +1,102 @@
+"""`ssip evaluate`: metrics per trial against the ingest dataset, summary, report files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ssip import storage
+from ssip.data.ingest import IngestConfig, process_recording, write_result
+from ssip.data.readers import Recording, TrialSpec
+from ssip.evaluate import metrics as M
+from ssip.evaluate.report import EvaluateConfig, decoded_table, evaluate, read_decoded, summarize
+
+
+@pytest.fixture(scope="module")
+def ingest_root(tmp_path_factory):
+    """A small ingest dataset: real speech (pocketsphinx librivox) with noise as 'neural'."""
+    from tests.conftest import POCKETSPHINX
+
+    clip, sr = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
+    gap = np.zeros(16000, np.float32)
+    audio = np.concatenate([gap, clip, gap])
+    # Five 1.2 s trials of real speech.
+    trials = [TrialSpec(1.0 + 1.3 * k, 1.2, f"word {k}") for k in range(5)]
+    rng = np.random.default_rng(0)
+    sig = rng.standard_normal((int(len(audio) / 16000 * 1024), 8)).astype(np.float32)
+    rec = Recording("s1", "rec1", "mem://rec1", "nwb", sig, 1024.0, True, [f"c{i}" for i in range(8)],
+                    audio, 16000.0, 0.0, trials)
+    res = process_recording(rec, IngestConfig(val_fraction=0.0, test_fraction=0.0))
+    root = tmp_path_factory.mktemp("ingest")
+    files = write_result(str(root), res)
+    storage.write_json(str(root / "manifest.json"), {"recordings": [
+        {"path": rec.path, "subject": "s1", "recording": "rec1", "status": "ok", "files": files}]})
+    return root
+
+
+def test_truth_scores_perfectly_and_noise_does_not(ingest_root, tmp_path):
+    from ssip.data.dataset import load_trials
+
+    refs = load_trials(str(ingest_root))
+    rng = np.random.default_rng(1)
+    rows = []
+    for r in refs:
+        rows.append({"subject": r["subject"], "trial_id": r["trial_id"], "method": "truth", "mel": r["mel"]})
+        noise = r["mel"].mean() + r["mel"].std() * rng.standard_normal(r["mel"].shape).astype(np.float32)
+        rows.append({"subject": r["subject"], "trial_id": r["trial_id"], "method": "noise", "mel": noise})
+    dec = tmp_path / "decoded.parquet"
+    storage.write_parquet(str(dec), decoded_table(rows))
+    back = read_decoded(str(dec))
+    np.testing.assert_array_equal(back[0]["mel"], rows[0]["mel"])
+
+    out = tmp_path / "report"
+    summary = evaluate(str(dec), str(ingest_root), str(out), EvaluateConfig(asr_model="none"))
+    by = {(s["subject"], s["method"]): s for s in summary}
+    truth, noise = by[("s1", "truth")], by[("s1", "noise")]
+    assert truth["n_trials"] == len(refs) == 5
+    assert truth["mel_pcc"] == pytest.approx(1.0, abs=1e-6)
+    assert truth["mcd"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(noise["mel_pcc"]) < 0.1
+    assert truth["stoi"] > 0.8 > 0.5 > noise["stoi"]
+    # The pooled row equals the per-subject row when there is one subject.
+    assert by[("*", "truth")]["mel_pcc"] == truth["mel_pcc"]
+    report = (out / "report.md").read_text()
+    assert "| s1 | truth |" in report and "figures/" in report and "wavs/" in report
+    assert (out / "metrics.parquet").exists() and len(list((out / "figures").glob("*.png"))) == 3
+    assert len(list((out / "wavs").rglob("*.wav"))) == 10
+
+
+def test_summarize_means_and_nan_handling():
+    rows = [{"subject": "a", "trial_id": "t1", "method": "m", "mel_pcc": 0.2, "stoi": math.nan},
+            {"subject": "a", "trial_id": "t2", "method": "m", "mel_pcc": 0.4, "stoi": 0.5},
+            {"subject": "b", "trial_id": "t1", "method": "m", "mel_pcc": 0.9, "stoi": 0.7}]
+    s = {(x["subject"], x["method"]): x for x in summarize(rows)}
+    assert s[("a", "m")]["mel_pcc"] == pytest.approx(0.3)
+    assert s[("a", "m")]["stoi"] == pytest.approx(0.5)
+    assert s[("*", "m")]["mel_pcc"] == pytest.approx(0.5)
+    assert s[("*", "m")]["n_trials"] == 2  # distinct trial ids t1, t2
+
+
+def test_asr_on_truth_transcribes_real_speech(tmp_path):
+    """The ASR column: the true mel of a real clip, vocoded, is transcribed near its transcript."""
+    from ssip import mel
+    from ssip.evaluate.report import score_trials
+    from ssip.models.vocoder import get_vocoder
+    from ssip.models.whisper import load_whisper, transcribe
+    from tests.conftest import POCKETSPHINX
+
+    lines = (POCKETSPHINX / "librivox" / "transcription").read_text().splitlines()
+    text = lines[0].rsplit("(", 1)[0].replace("<s>", "").replace("</s>", "").strip()
+    clip, _ = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
+    audio = mel.normalize_loudness(clip)
+    m = mel.log_mel(audio).numpy()
+    model, tok, spec = load_whisper("tiny.en")
+    rows, _ = score_trials([{"subject": "s", "trial_id": "t", "method": "truth", "mel": m}],
+                           {("s", "t"): {"mel": m, "audio": audio[: m.shape[1] * 160], "transcript": text}},
+                           EvaluateConfig(), get_vocoder("griffinlim"),
+                           lambda a: transcribe(model, tok, a, spec))
+    assert rows[0]["wer"] < 0.35, (rows[0]["asr"], text)
+    assert rows[0]["wer"] == M.wer(text, rows[0]["asr"])
