@@ -20,7 +20,7 @@ def ingest_root(tmp_path_factory):
     """A small ingest dataset: real speech (pocketsphinx librivox) with noise as 'neural'."""
     from tests.conftest import POCKETSPHINX
 
-    clip, sr = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
+    clip, _ = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
     gap = np.zeros(16000, np.float32)
     audio = np.concatenate([gap, clip, gap])
     # Five 1.2 s trials of real speech.
