@@ -27,6 +27,15 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_DIR / "auth_token")
 
 
+def pytest_configure(config):
+    # One intra-op thread for every test: on the 2 shared cores of the test machine a second
+    # OpenMP thread made small convs and matmuls 3-10x slower (measured). Speed is measured in
+    # bench/, never in tests.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy.ndimage import gaussian_filter1d
 
 from ssip.config import ConfigError
@@ -24,14 +23,6 @@ from ssip.models.checkpoint import CheckpointError, load_checkpoint
 N_CH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2 cores of the test machine are shared: one thread per small model avoids OpenMP
-    # threads spinning against each other (measured 5x faster under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pcc_per_bin(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

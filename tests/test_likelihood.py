@@ -34,13 +34,6 @@ FAST = dict(head_channels=32, kernel=41, lookahead=30, window_frames=100, batch_
             lr=3e-3, epochs=15)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On 2 shared cores a second intra-op thread made these small convs ~10x slower (measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

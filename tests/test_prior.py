@@ -34,16 +34,6 @@ from ssip.models.prior import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2 cores of the test machine are shared: one thread per small model avoids OpenMP
-    # threads spinning against each other (measured 5x faster under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def formant_mels(n: int, rng: np.random.Generator, t_range=(40, 120)) -> list[np.ndarray]:
     """Synthetic 'speech': three gliding formant ridges switched on for a random segment,
     on the silence floor. Each (80, T) with T in t_range."""

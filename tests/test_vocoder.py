@@ -20,16 +20,6 @@ from ssip.mel import MEL_FLOOR, MEL_VERSION, log_mel, normalize_loudness
 from ssip.models import vocoder as V
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls (mel inversion, Griffin-Lim) run 10x slower with 2 threads on a shared,
-    # loaded 2-core machine; one thread is as fast when the machine is idle.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hifigan():
     return V.HifiGanVocoder()

@@ -31,12 +31,6 @@ LONG_CLIP = POCKETSPHINX / "librivox" / "sense_and_sensibility_01_austen_64kb-08
 SHORT_CLIP = POCKETSPHINX / "cards" / "001.wav"  # 1.1 s
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
