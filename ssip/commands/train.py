@@ -1,0 +1,136 @@
+"""`ssip train prior|likelihood|baseline INGEST OUT`: fit one model on an ingest dataset, save it.
+
+- ``prior``: the EDM mel prior on the mels of the TRAIN split of every subject (never on val or
+  test trials: a prior that has heard the evaluated utterances flatters DPS).
+- ``likelihood --subject S``: the forward model of one subject (train split fits, val picks the
+  epoch and the noise sigma).
+- ``baseline --subject S --kind linear|nn``: a direct regression decoder of one subject (train
+  split; the NN early-stops on val).
+
+OUT is a checkpoint folder (local or s3://). ``ssip decode`` expects likelihoods at
+``LIKELIHOOD_ROOT/<subject>`` and baselines at ``BASELINES_ROOT/<subject>/<kind>``.
+"""
+
+from __future__ import annotations
+
+from ssip.commands._common import add_config_args, resolve_and_print
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the prior, a subject's likelihood or a baseline")
+    kinds = p.add_subparsers(dest="model", required=True)
+
+    q = kinds.add_parser("prior", help="EDM mel prior on the train-split mels of all subjects")
+    q.add_argument("ingest", help="ingest root (local or s3://)")
+    q.add_argument("out", help="checkpoint folder to write")
+    add_config_args(q)
+    q.set_defaults(func=_train_prior)
+
+    q = kinds.add_parser("likelihood", help="forward model mel -> neural of one subject")
+    q.add_argument("ingest", help="ingest root (local or s3://)")
+    q.add_argument("out", help="checkpoint folder to write (ssip decode reads ROOT/<subject>)")
+    q.add_argument("--subject", required=True, help="subject label in the ingest dataset")
+    add_config_args(q)
+    q.set_defaults(func=_train_likelihood)
+
+    q = kinds.add_parser("baseline", help="direct regression decoder neural -> mel of one subject")
+    q.add_argument("ingest", help="ingest root (local or s3://)")
+    q.add_argument("out", help="checkpoint folder to write (ssip decode reads ROOT/<subject>/<kind>)")
+    q.add_argument("--subject", required=True, help="subject label in the ingest dataset")
+    q.add_argument("--kind", required=True, choices=("linear", "nn"), help="which baseline")
+    add_config_args(q)
+    q.set_defaults(func=_train_baseline)
+
+
+def _subject_trials(ingest: str, subject: str) -> list[dict]:
+    from ssip.data.dataset import load_trials
+
+    trials = load_trials(ingest, subject=subject)
+    if not trials:
+        raise ValueError(f"ssip train: no trials of subject {subject!r} under {ingest}; check "
+                         f"--subject against the ingest manifest")
+    return trials
+
+
+def _train_prior(args) -> int:
+    import numpy as np
+
+    from ssip.data.dataset import load_trials
+    from ssip.models.prior import (
+        EDMPrior,
+        PriorConfig,
+        estimate_data_stats,
+        save_prior,
+        train_prior,
+        window_batches,
+    )
+
+    cfg = resolve_and_print(PriorConfig, args)
+    if cfg is None:
+        return 0
+    trials = load_trials(args.ingest, split="train", columns=["schema_version", "subject",
+                                                              "trial_id", "mel"])
+    if not trials:
+        raise ValueError(f"ssip train prior: no train-split trials under {args.ingest}")
+    mels = [np.asarray(t["mel"], np.float32) for t in trials]
+    mean, sigma_data = estimate_data_stats(mels)
+    model = EDMPrior(cfg.preset, sigma_data=sigma_data, data_mean=mean)
+    rng = np.random.default_rng(cfg.seed)
+    stats = train_prior(model, window_batches(mels, cfg.window_frames, cfg.batch_size, rng), cfg)
+    save_prior(args.out, model, cfg, ema=stats["ema"], stats=stats)
+    print(f"prior: {stats['samples_seen']} windows from {len(mels)} train trial(s), loss "
+          f"{stats['loss']:.4f}, {stats['samples_per_s']:.1f} samples/s -> {args.out}")
+    return 0
+
+
+def _train_likelihood(args) -> int:
+    from ssip.models.likelihood import LikelihoodConfig, save_likelihood, train_likelihood
+
+    cfg = resolve_and_print(LikelihoodConfig, args)
+    if cfg is None:
+        return 0
+    trials = _subject_trials(args.ingest, args.subject)
+    model, stats = train_likelihood(trials, cfg)
+    save_likelihood(args.out, model, subject=args.subject, stats=stats)
+    print(f"likelihood {args.subject}: val mse {stats['val_mse']:.4f}, val r "
+          f"{stats['val_r_mean']:.3f} (best epoch {stats['best_epoch']}) -> {args.out}")
+    return 0
+
+
+def _train_baseline(args) -> int:
+    import numpy as np
+
+    from ssip.models.baselines import (
+        LinearDecoder,
+        LinearDecoderConfig,
+        NNDecoder,
+        NNDecoderConfig,
+        save_baseline,
+    )
+
+    cls = LinearDecoderConfig if args.kind == "linear" else NNDecoderConfig
+    cfg = resolve_and_print(cls, args)
+    if cfg is None:
+        return 0
+    trials = _subject_trials(args.ingest, args.subject)
+    split = {s: [t for t in trials if t["split"] == s] for s in ("train", "val")}
+    if not split["train"]:
+        raise ValueError(f"ssip train baseline: subject {args.subject!r} has no train trials")
+
+    def arrays(ts, key):
+        return [np.asarray(t[key], np.float32) for t in ts]
+
+    if args.kind == "linear":
+        decoder = LinearDecoder(cfg).fit(arrays(split["train"], "neural"),
+                                         arrays(split["train"], "mel"))
+    else:
+        val = split["val"]
+        decoder = NNDecoder(cfg).fit(arrays(split["train"], "neural"),
+                                     arrays(split["train"], "mel"),
+                                     arrays(val, "neural") if val else None,
+                                     arrays(val, "mel") if val else None)
+    save_baseline(args.out, decoder, extra={"subject": args.subject,
+                                            "n_train_trials": len(split["train"])})
+    print(f"baseline {args.kind} {args.subject}: fitted on {len(split['train'])} train trial(s) "
+          f"-> {args.out}")
+    return 0

@@ -1,0 +1,310 @@
+"""Decoding trials: DPS posterior draws, the unconditional-prior and shuffled-neural controls, and
+the direct regression baselines, as rows of a decoded table.
+
+One row per (subject, trial, method, draw) with the decoded mel (80, T) cropped to the trial:
+
+- ``"dps"``: Diffusion Posterior Sampling (Chung et al., ICLR 2023) with the EDM prior and the
+  subject's likelihood (:func:`ssip.sampling.dps_edm`), draws k = 0..K-1 and their pointwise
+  mean as draw = -1 (the estimate to score with mel PCC / STOI, DESIGN.md section 4).
+- ``"prior"``: unconditional EDM samples (:func:`ssip.sampling.edm_sample`) from the SAME seeds,
+  so the difference to ``"dps"`` is the guidance alone.
+- ``"dps-shuffled"``: DPS driven by another trial's neural data of the same subject (trial i of
+  the given list takes trial i+1's, cyclically; cropped, or zero-padded (zero = the z-scored
+  mean) to trial i's length), with the same seeds: a control that should score about chance.
+- ``"linear"``, ``"nn"``: the regression baselines of :mod:`ssip.models.baselines`, draw = -1.
+
+Draw k of trial t is seeded by ``trial_generator(cfg.seed, "<subject>/<trial_id>", k)`` and every
+method draws it the same way, so a trial's rows never depend on its batch-mates, the batch size
+or the worker that ran it. The EDM UNet mixes frames (convolutions, attention), so a batch is
+only exact when all its trials are padded to the same length: trials are grouped by their padded
+length (T rounded up to the UNet's downsampling factor, 8 for the presets) and each group is
+split into batches of ``batch_size``. Padded frames carry a frame mask (unguided, MEL_FLOOR in
+the output) and are cropped off.
+
+Pure library code: no Ray, no file I/O (the commands load checkpoints and write the table).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssip.config import ConfigError, check_option, check_range, field
+from ssip.mel import MEL_FLOOR, N_MELS
+from ssip.sampling import (
+    NonFiniteSampleError,
+    dps_edm,
+    edm_sample,
+    posterior_draws,
+    trial_generator,
+)
+
+#: Methods that sample from the prior (and, but for "prior", guide with the likelihood).
+SAMPLED_METHODS = ("dps", "prior", "dps-shuffled")
+#: Direct regression baselines (one deterministic prediction each, draw = -1).
+BASELINE_METHODS = ("linear", "nn")
+METHODS = SAMPLED_METHODS + BASELINE_METHODS
+#: ``draw`` of the posterior-mean row (and of the baselines' single prediction).
+MEAN_DRAW = -1
+
+
+@dataclass
+class DecodeConfig:
+    """How trials are decoded (sampler, guidance step, draws, seeds, methods)."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS),
+                               help=f"methods to decode, any of {list(METHODS)}; 'linear'/'nn' "
+                                    "need fitted baselines")
+    n_draws: int = field(4, help="posterior draws per trial and sampled method; >= 16 is "
+                                 "recommended when scoring the posterior mean with mel PCC / "
+                                 "STOI (DESIGN.md section 4: the mean of 16 beat ridge)")
+    num_steps: int = field(50, help="EDM sampler steps (about 50 sufficed; 100 gave nothing more)")
+    xi: float | None = field(0.2, help="CQT-Diff normalised guidance step (robust at 0.1-0.3); "
+                                       "set to null to use zeta")
+    zeta: float | None = field(None, help="constant DPS step on the non-squared residual norm "
+                                          "(use instead of xi: set xi to null)")
+    sigma_min: float = field(0.002, help="lowest noise level of the EDM schedule")
+    sigma_max: float = field(80.0, help="highest noise level of the EDM schedule")
+    rho: float = field(7.0, help="EDM schedule exponent")
+    heun: bool = field(True, help="Heun (2nd order) correction on every step but the last")
+    seed: int = field(0, help="run seed: draw k of trial t is seeded by (seed, subject/trial, k)")
+    batch_size: int = field(8, help="trials per sampler call (an optimisation only: results do "
+                                    "not depend on it)")
+
+    def __post_init__(self) -> None:
+        self.methods = list(self.methods)
+        if not self.methods:
+            raise ConfigError(f"methods is empty; choose some of {list(METHODS)}")
+        for m in self.methods:
+            check_option("methods[]", m, METHODS)
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods={self.methods} lists a method twice")
+        if (self.xi is None) == (self.zeta is None):
+            raise ConfigError(f"give exactly one of xi (normalised step) or zeta (constant "
+                              f"step), got xi={self.xi}, zeta={self.zeta}: set the other to null")
+        for name in ("xi", "zeta"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name}={v!r} must be finite and >= 0")
+        check_range("n_draws", self.n_draws, 1, None)
+        check_range("num_steps", self.num_steps, 1, None)
+        check_range("sigma_min", self.sigma_min, 1e-9, self.sigma_max)
+        check_range("rho", self.rho, 1e-6, None)
+        check_range("batch_size", self.batch_size, 1, None)
+
+
+def trial_key(trial: Mapping[str, Any]) -> str:
+    """``"<subject>/<trial_id>"``: the name that seeds a trial's draws (unique across subjects)."""
+    return f"{trial.get('subject', '')}/{trial['trial_id']}"
+
+
+def padded_length(n_frames: int, factor: int) -> int:
+    """Smallest multiple of ``factor`` that is >= n_frames."""
+    return -(-int(n_frames) // factor) * factor
+
+
+def _check_trials(trials: Sequence[Mapping[str, Any]], n_electrodes: int | None) -> str:
+    """Validate trial dicts for decoding; return their (single) subject."""
+    if not trials:
+        raise ValueError("decode_trials: no trials given")
+    subjects = sorted({str(t.get("subject", "")) for t in trials})
+    if len(subjects) > 1:
+        raise ValueError(f"decode_trials: trials of subjects {subjects}; a likelihood is per "
+                         f"subject: decode one subject's trials at a time")
+    keys = [trial_key(t) for t in trials]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"decode_trials: trial(s) {dup} appear twice; each trial is decoded once")
+    for t in trials:
+        where = f"subject {t.get('subject')!r} trial {t.get('trial_id')!r}"
+        x = np.asarray(t["neural"]) if "neural" in t else None
+        if x is None:
+            raise ValueError(f"{where}: field 'neural' is missing")
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise ValueError(f"{where}: neural has shape {x.shape}; expected (T, C) with T >= 1")
+        if n_electrodes is not None and x.shape[1] != n_electrodes:
+            raise ValueError(f"{where}: {x.shape[1]} electrodes but the likelihood models "
+                             f"{n_electrodes}; use the likelihood trained on this subject")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{where}: neural holds NaN/inf; re-run ingest or drop the trial")
+    return subjects[0]
+
+
+def _fit_length(x: np.ndarray, n_frames: int) -> np.ndarray:
+    """Crop or zero-pad neural (T', C) to (n_frames, C)."""
+    out = np.zeros((n_frames, x.shape[1]), dtype=np.float32)
+    n = min(n_frames, x.shape[0])
+    out[:n] = x[:n]
+    return out
+
+
+def _batches(lengths: Sequence[int], factor: int, batch_size: int) -> list[tuple[int, list[int]]]:
+    """Trial indices grouped by padded length, then chunked: [(T_pad, [i, ...]), ...]."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(lengths):
+        groups[padded_length(n, factor)].append(i)
+    return [(t_pad, idx[s:s + batch_size])
+            for t_pad, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
+
+
+def prior_denoiser(prior: torch.nn.Module):
+    """The sampler's ``denoiser(x float64, sigma float64)`` over a frozen EDMPrior (float32)."""
+    prior.eval()
+    prior.requires_grad_(False)
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return prior(x.float(), sigma.float())
+
+    return denoiser
+
+
+def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
+                  likelihood: torch.nn.Module | None, cfg: DecodeConfig | None = None,
+                  baselines: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Decode one subject's trials with every method of ``cfg.methods``.
+
+    Parameters
+    ----------
+    trials : sequence of dict
+        ``subject``, ``trial_id``, ``neural`` (T, C) z-scored high gamma at 100 Hz (e.g. from
+        :func:`ssip.data.dataset.load_trials`), all of one subject. Their order defines the
+        shuffled pairing (trial i takes trial i+1's neural, cyclically).
+    prior : EDMPrior
+        The mel prior; frozen and put in eval mode here. Its ``factor`` (UNet downsampling)
+        sets the padding multiple (8 when absent).
+    likelihood : Likelihood or None
+        The subject's forward model (:mod:`ssip.models.likelihood`), frozen here; may be None
+        when no DPS method is asked for.
+    cfg : DecodeConfig, optional
+    baselines : mapping, optional
+        ``{"linear": LinearDecoder, "nn": NNDecoder}`` fitted on this subject, for the baseline
+        methods in ``cfg.methods``.
+
+    Returns
+    -------
+    list of dict
+        Rows ``subject``, ``trial_id``, ``method``, ``draw`` (k, or -1 for the posterior mean and
+        for baselines) and ``mel`` (80, T) float32 ndarray, T the trial's frame count; ordered by
+        trial, then method (in ``cfg.methods`` order), then draw (0..K-1, then -1).
+
+    Raises
+    ------
+    ValueError
+        Trials of several subjects, a missing likelihood/baseline, or a shuffled control with a
+        single trial.
+    NonFiniteSampleError
+        A sampler step gave NaN/inf; the message names the trials of the batch.
+    """
+    cfg = cfg or DecodeConfig()
+    methods = list(cfg.methods)
+    guided = [m for m in methods if m in ("dps", "dps-shuffled")]
+    if guided and likelihood is None:
+        raise ValueError(f"decode_trials: methods {guided} need a likelihood; pass the subject's "
+                         f"likelihood or drop them from methods")
+    n_el = likelihood.n_electrodes if likelihood is not None and guided else None
+    subject = _check_trials(trials, n_el)
+    if "dps-shuffled" in methods and len(trials) < 2:
+        raise ValueError(f"decode_trials (subject {subject!r}): 'dps-shuffled' needs >= 2 trials "
+                         f"to borrow another trial's neural data; got 1")
+    baselines = dict(baselines or {})
+    missing = [m for m in methods if m in BASELINE_METHODS and m not in baselines]
+    if missing:
+        raise ValueError(f"decode_trials (subject {subject!r}): no fitted decoder for {missing}; "
+                         f"pass baselines={{name: decoder}} or drop them from methods")
+
+    neural = [np.asarray(t["neural"], dtype=np.float32) for t in trials]
+    lengths = [x.shape[0] for x in neural]
+    n = len(trials)
+    shuffled = [_fit_length(neural[(i + 1) % n], lengths[i]) for i in range(n)]
+    out: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+
+    sampled = [m for m in methods if m in SAMPLED_METHODS]
+    if sampled:
+        factor = int(getattr(prior, "factor", 8))
+        denoiser = prior_denoiser(prior)
+        schedule = {"num_steps": cfg.num_steps, "sigma_min": cfg.sigma_min,
+                    "sigma_max": cfg.sigma_max, "rho": cfg.rho, "heun": cfg.heun,
+                    "pad_value": MEL_FLOOR}
+        device = next(prior.parameters()).device
+        for t_pad, idx in _batches(lengths, factor, cfg.batch_size):
+            mask = torch.zeros((len(idx), t_pad), dtype=torch.bool)
+            for b, i in enumerate(idx):
+                mask[b, :lengths[i]] = True
+            mask = mask.to(device)
+            for method in sampled:
+                ys = None
+                if method != "prior":
+                    src = neural if method == "dps" else shuffled
+                    ys = np.stack([_fit_length(src[i], t_pad) for i in idx])  # (B, T_pad, C)
+                draws = _sample_batch(method, denoiser, likelihood, ys, mask, t_pad,
+                                      [trial_key(trials[i]) for i in idx], cfg, schedule, device)
+                for b, i in enumerate(idx):
+                    t = lengths[i]
+                    rows = out[(i, method)]
+                    for k in range(cfg.n_draws):
+                        rows.append(_row(trials[i], method, k, draws.samples[b, k, 0, :, :t]))
+                    rows.append(_row(trials[i], method, MEAN_DRAW, draws.mean[b, 0, :, :t]))
+
+    for method in methods:
+        if method in BASELINE_METHODS:
+            for i, mel in enumerate(baseline_predictions(trials, baselines[method])):
+                out[(i, method)].append(_row(trials[i], method, MEAN_DRAW, mel))
+    return [r for i in range(n) for m in methods for r in out[(i, m)]]
+
+
+def _sample_batch(method: str, denoiser, likelihood, ys: np.ndarray | None, mask: torch.Tensor,
+                  t_pad: int, keys: list[str], cfg: DecodeConfig, schedule: dict[str, Any],
+                  device: torch.device):
+    """K draws of one padded batch (B trials of T_pad frames) for one sampled method."""
+    from ssip.models.likelihood import make_residual
+
+    generators = [[trial_generator(cfg.seed, key, k, device=device) for k in range(cfg.n_draws)]
+                  for key in keys]
+    shape = (len(keys), 1, N_MELS, t_pad)
+    if method == "prior":
+        sampler = functools.partial(edm_sample, denoiser, frame_mask=mask, **schedule)
+    else:
+        residual = make_residual(likelihood, torch.from_numpy(ys), mask)
+        sampler = functools.partial(dps_edm, denoiser, residual, xi=cfg.xi, zeta=cfg.zeta,
+                                    frame_mask=mask, **schedule)
+    try:
+        # DPS differentiates through the frozen denoiser and likelihood: grad must be on.
+        with torch.enable_grad():
+            return posterior_draws(sampler, generators, shape_or_latents=shape)
+    except NonFiniteSampleError as e:
+        bad = [keys[b] for b in e.items if b < len(keys)]
+        raise NonFiniteSampleError(f"method {method!r}, trials {bad}: {e}", e.step, e.items) from e
+
+
+def _row(trial: Mapping[str, Any], method: str, draw: int, mel) -> dict[str, Any]:
+    mel = mel.detach().cpu().numpy() if isinstance(mel, torch.Tensor) else np.asarray(mel)
+    return {"subject": str(trial.get("subject", "")), "trial_id": str(trial["trial_id"]),
+            "method": method, "draw": int(draw), "mel": np.ascontiguousarray(mel, np.float32)}
+
+
+def baseline_predictions(trials: Sequence[Mapping[str, Any]], decoder) -> list[np.ndarray]:
+    """Mels (80, T_i) float32 that a fitted baseline (``predict(neural (T, C))``) gives each trial."""
+    mels = []
+    for t in trials:
+        x = np.asarray(t["neural"], dtype=np.float32)
+        mel = np.asarray(decoder.predict(x), dtype=np.float32)
+        if mel.shape != (N_MELS, x.shape[0]):
+            raise ValueError(f"subject {t.get('subject')!r} trial {t.get('trial_id')!r}: "
+                             f"{type(decoder).__name__} returned {mel.shape}, expected "
+                             f"({N_MELS}, {x.shape[0]})")
+        mels.append(mel)
+    return mels
+
+
+def baseline_rows(trials: Sequence[Mapping[str, Any]], decoder, method: str) -> list[dict]:
+    """Decoded-table rows (draw = -1) of one baseline ``method`` ('linear' | 'nn')."""
+    check_option("method", method, BASELINE_METHODS)
+    return [_row(t, method, MEAN_DRAW, m)
+            for t, m in zip(trials, baseline_predictions(trials, decoder), strict=True)]
