@@ -53,8 +53,13 @@ def test_hash_changes_with_values():
 def test_every_config_file_loads():
     from ssip.data.ingest import IngestConfig
     from ssip.data.simulate import CorpusConfig
+    from ssip.decode import DecodeConfig
+    from ssip.evaluate.report import EvaluateConfig
+    from ssip.models.likelihood import LikelihoodConfig
+    from ssip.models.prior import PriorConfig
 
-    classes = {"corpus": CorpusConfig, "ingest": IngestConfig}
+    classes = {"corpus": CorpusConfig, "ingest": IngestConfig, "prior": PriorConfig,
+               "likelihood": LikelihoodConfig, "decode": DecodeConfig, "evaluate": EvaluateConfig}
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert files
     for f in files:
