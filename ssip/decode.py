@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ssip.config import ConfigError, check_option, check_range, field
 from ssip.mel import MEL_FLOOR, N_MELS
@@ -167,7 +168,8 @@ def prior_denoiser(prior: torch.nn.Module):
 
 def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                   likelihood: torch.nn.Module | None, cfg: DecodeConfig | None = None,
-                  baselines: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                  baselines: Mapping[str, Any] | None = None,
+                  progress: bool = False) -> list[dict[str, Any]]:
     """Decode one subject's trials with every method of ``cfg.methods``.
 
     Parameters
@@ -233,7 +235,9 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                     "sigma_max": cfg.sigma_max, "rho": cfg.rho, "heun": cfg.heun,
                     "pad_value": MEL_FLOOR}
         device = next(prior.parameters()).device
-        for t_pad, idx in _batches(lengths, factor, cfg.batch_size):
+        batches = _batches(lengths, factor, cfg.batch_size)
+        bar = tqdm(total=n, desc=f"decode {subject}", unit="trial", disable=not progress)
+        for t_pad, idx in batches:
             mask = torch.zeros((len(idx), t_pad), dtype=torch.bool)
             for b, i in enumerate(idx):
                 mask[b, :lengths[i]] = True
@@ -251,6 +255,8 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                     for k in range(cfg.n_draws):
                         rows.append(_row(trials[i], method, k, draws.samples[b, k, 0, :, :t]))
                     rows.append(_row(trials[i], method, MEAN_DRAW, draws.mean[b, 0, :, :t]))
+            bar.update(len(idx))
+        bar.close()
 
     for method in methods:
         if method in BASELINE_METHODS:

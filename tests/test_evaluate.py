@@ -78,6 +78,12 @@ def test_summarize_means_and_nan_handling():
     assert s[("a", "m")]["stoi"] == pytest.approx(0.5)
     assert s[("*", "m")]["mel_pcc"] == pytest.approx(0.5)
     assert s[("*", "m")]["n_trials"] == 2  # distinct trial ids t1, t2
+    # Single draws are summarised apart from the posterior mean (draw -1).
+    drawn = [{"subject": "a", "trial_id": "t1", "method": "dps", "draw": k, "mel_pcc": v}
+             for k, v in ((0, 0.1), (1, 0.3), (-1, 0.6))]
+    s = {(x["subject"], x["method"]): x for x in summarize(drawn)}
+    assert s[("a", "dps")]["mel_pcc"] == pytest.approx(0.6)
+    assert s[("a", "dps (draw)")]["mel_pcc"] == pytest.approx(0.2)
 
 
 def test_asr_on_truth_transcribes_real_speech(tmp_path):

@@ -79,7 +79,7 @@ def _decode(args) -> int:
                                  f"subject {manifest.get('subject')!r}, not {subject!r}")
         baselines = {m: load_baseline(storage.join(args.baselines_root, subject, m))
                      for m in wanted}
-        rows.extend(decode_trials(trials, prior, likelihood, cfg, baselines=baselines))
+        rows.extend(decode_trials(trials, prior, likelihood, cfg, baselines=baselines, progress=True))
         print(f"decoded {len(trials)} trial(s) of {subject}", flush=True)
     storage.write_parquet(args.out, decoded_rows_table(rows))
     print(f"decoded table: {len(rows)} row(s) -> {args.out}")

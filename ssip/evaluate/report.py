@@ -125,12 +125,21 @@ METRIC_COLUMNS = ("mel_pcc", "mel_pcc_flat", "mel_pcc_chance", "mcd", "stoi", "e
                   "identified", "identified_chance")
 
 
+def method_label(row: dict) -> str:
+    """Summary label: single posterior draws (draw >= 0) apart from the posterior mean / point
+    estimate (draw -1 or absent), since a sharp draw and a mean score differently on PCC."""
+    return f"{row['method']} (draw)" if row.get("draw", -1) >= 0 else row["method"]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean of each metric per (subject, method), plus a pooled row per method (subject '*')."""
+    """Mean of each metric per (subject, method), plus a pooled row per method (subject '*').
+
+    Sampled methods appear twice: "dps" is the posterior mean, "dps (draw)" the single draws.
+    """
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["subject"], r["method"])].append(r)
-        groups[("*", r["method"])].append(r)
+        groups[(r["subject"], method_label(r))].append(r)
+        groups[("*", method_label(r))].append(r)
     out = []
     for (subject, method), rs in sorted(groups.items()):
         s = {"subject": subject, "method": method, "n_trials": len({r["trial_id"] for r in rs})}
