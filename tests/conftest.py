@@ -36,6 +36,30 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def make_speech_ingest(root: Path, *, n_trials: int, step_s: float, duration_s: float,
+                       n_electrodes: int = 8, val_fraction: float = 0.0,
+                       test_fraction: float = 0.0) -> Path:
+    """A small ingest dataset on disk: trials cut from real speech (a pocketsphinx librivox
+    clip between 1 s gaps) with Gaussian noise as the 'neural' signal, subject s1."""
+    from ssip import storage
+    from ssip.data.ingest import IngestConfig, process_recording, write_result
+    from ssip.data.readers import Recording, TrialSpec
+
+    clip, _ = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
+    gap = np.zeros(16000, np.float32)
+    audio = np.concatenate([gap, clip, gap])
+    trials = [TrialSpec(1.0 + step_s * k, duration_s, f"word {k}") for k in range(n_trials)]
+    sig = np.random.default_rng(0).standard_normal(
+        (int(len(audio) / 16000 * 1024), n_electrodes)).astype(np.float32)
+    rec = Recording("s1", "rec1", "mem://rec1", "nwb", sig, 1024.0, True,
+                    [f"c{i}" for i in range(n_electrodes)], audio, 16000.0, 0.0, trials)
+    res = process_recording(rec, IngestConfig(val_fraction=val_fraction, test_fraction=test_fraction))
+    files = write_result(str(root), res)
+    storage.write_json(str(root / "manifest.json"), {"recordings": [
+        {"path": rec.path, "subject": "s1", "recording": "rec1", "status": "ok", "files": files}]})
+    return root
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

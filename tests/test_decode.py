@@ -177,27 +177,11 @@ def test_errors(setup):
 @pytest.fixture(scope="module")
 def ingest_root(tmp_path_factory):
     """8 trials (4 train, 2 val, 2 test) of real speech with noise as 'neural', on disk."""
-    import soundfile as sf
+    from tests.conftest import make_speech_ingest
 
-    from ssip import storage
-    from ssip.data.ingest import IngestConfig, process_recording, write_result
-    from ssip.data.readers import Recording, TrialSpec
-    from tests.conftest import POCKETSPHINX
-
-    clip, _ = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
-    gap = np.zeros(16000, np.float32)
-    audio = np.concatenate([gap, clip, gap])
-    trials = [TrialSpec(1.0 + 0.75 * k, 0.6, f"word {k}") for k in range(8)]
-    sig = np.random.default_rng(0).standard_normal(
-        (int(len(audio) / 16000 * 1024), N_EL)).astype(np.float32)
-    rec = Recording("s1", "rec1", "mem://rec1", "nwb", sig, 1024.0, True,
-                    [f"c{i}" for i in range(N_EL)], audio, 16000.0, 0.0, trials)
-    res = process_recording(rec, IngestConfig(val_fraction=0.25, test_fraction=0.25))
-    root = tmp_path_factory.mktemp("ingest")
-    files = write_result(str(root), res)
-    storage.write_json(str(root / "manifest.json"), {"recordings": [
-        {"path": rec.path, "subject": "s1", "recording": "rec1", "status": "ok", "files": files}]})
-    return root
+    return make_speech_ingest(tmp_path_factory.mktemp("ingest"), n_trials=8, step_s=0.75,
+                              duration_s=0.6, n_electrodes=N_EL, val_fraction=0.25,
+                              test_fraction=0.25)
 
 
 def test_cli_train_and_decode_end_to_end(ingest_root, tmp_path):

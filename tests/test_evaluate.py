@@ -9,32 +9,17 @@ import pytest
 import soundfile as sf
 
 from ssip import storage
-from ssip.data.ingest import IngestConfig, process_recording, write_result
-from ssip.data.readers import Recording, TrialSpec
 from ssip.evaluate import metrics as M
 from ssip.evaluate.report import EvaluateConfig, decoded_table, evaluate, read_decoded, summarize
 
 
 @pytest.fixture(scope="module")
 def ingest_root(tmp_path_factory):
-    """A small ingest dataset: real speech (pocketsphinx librivox) with noise as 'neural'."""
-    from tests.conftest import POCKETSPHINX
+    """Five 1.2 s trials of real speech (pocketsphinx librivox) with noise as 'neural'."""
+    from tests.conftest import make_speech_ingest
 
-    clip, _ = sf.read(sorted((POCKETSPHINX / "librivox").glob("*.wav"))[0], dtype="float32")
-    gap = np.zeros(16000, np.float32)
-    audio = np.concatenate([gap, clip, gap])
-    # Five 1.2 s trials of real speech.
-    trials = [TrialSpec(1.0 + 1.3 * k, 1.2, f"word {k}") for k in range(5)]
-    rng = np.random.default_rng(0)
-    sig = rng.standard_normal((int(len(audio) / 16000 * 1024), 8)).astype(np.float32)
-    rec = Recording("s1", "rec1", "mem://rec1", "nwb", sig, 1024.0, True, [f"c{i}" for i in range(8)],
-                    audio, 16000.0, 0.0, trials)
-    res = process_recording(rec, IngestConfig(val_fraction=0.0, test_fraction=0.0))
-    root = tmp_path_factory.mktemp("ingest")
-    files = write_result(str(root), res)
-    storage.write_json(str(root / "manifest.json"), {"recordings": [
-        {"path": rec.path, "subject": "s1", "recording": "rec1", "status": "ok", "files": files}]})
-    return root
+    return make_speech_ingest(tmp_path_factory.mktemp("ingest"), n_trials=5, step_s=1.3,
+                              duration_s=1.2)
 
 
 def test_truth_scores_perfectly_and_noise_does_not(ingest_root, tmp_path):
