@@ -55,21 +55,29 @@ class MelSpec:
     target_rms: float = TARGET_RMS
 
 
-@functools.lru_cache(maxsize=4)
-def _filters_np() -> np.ndarray:
-    # transformers' Slaney filterbank equals librosa.filters.mel(sr=16000, n_fft=400, n_mels=80)
-    # to 1e-9 and is what WhisperFeatureExtractor uses; (n_freq=201, n_mels=80).
+def slaney_filterbank(sample_rate: int, n_fft: int, n_mels: int = N_MELS,
+                      fmax: float = 8000.0) -> np.ndarray:
+    """Slaney-style mel filterbank, shape (1 + n_fft // 2, n_mels), float64.
+
+    transformers' Slaney filterbank equals librosa.filters.mel(sr, n_fft, n_mels, fmax=fmax) to
+    1e-9 and is what WhisperFeatureExtractor uses; the HiFi-GAN bridge uses it at 22,050 Hz.
+    """
     from transformers.audio_utils import mel_filter_bank
 
     return mel_filter_bank(
-        num_frequency_bins=1 + N_FFT // 2,
-        num_mel_filters=N_MELS,
+        num_frequency_bins=1 + n_fft // 2,
+        num_mel_filters=n_mels,
         min_frequency=0.0,
-        max_frequency=8000.0,
-        sampling_rate=SAMPLE_RATE,
+        max_frequency=fmax,
+        sampling_rate=sample_rate,
         norm="slaney",
         mel_scale="slaney",
     ).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=4)
+def _filters_np() -> np.ndarray:
+    return slaney_filterbank(SAMPLE_RATE, N_FFT)  # (201, 80)
 
 
 def mel_filters(device=None, dtype=torch.float32) -> torch.Tensor:

