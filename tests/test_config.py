@@ -57,9 +57,11 @@ def test_every_config_file_loads():
     from ssip.evaluate.report import EvaluateConfig
     from ssip.models.likelihood import LikelihoodConfig
     from ssip.models.prior import PriorConfig
+    from ssip.pipeline import PipelineConfig
 
     classes = {"corpus": CorpusConfig, "ingest": IngestConfig, "prior": PriorConfig,
-               "likelihood": LikelihoodConfig, "decode": DecodeConfig, "evaluate": EvaluateConfig}
+               "likelihood": LikelihoodConfig, "decode": DecodeConfig, "evaluate": EvaluateConfig,
+               "pipeline": PipelineConfig}
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert files
     for f in files:

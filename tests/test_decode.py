@@ -126,6 +126,21 @@ def test_prior_uses_the_same_seeds_and_guidance_changes_the_sample(setup, decode
     assert np.abs(d[("rec/0020", "dps", 0)] - d[("rec/0020", "prior", 0)]).mean() > 1e-3
 
 
+def test_control_draws_are_the_first_draws_of_the_same_seeds(setup, decoded):
+    prior, likelihood, _, test = setup
+    cfg = DecodeConfig(methods=["dps", "prior", "dps-shuffled"], control_draws=1, **FAST)
+    rows = decode_trials(test[:2], prior, likelihood, cfg)
+    d, full = _by_key(rows), _by_key(decoded)
+    for tid in ("rec/0020", "rec/0021"):
+        assert sorted(k[2] for k in d if k[:2] == (tid, "prior")) == [MEAN_DRAW, 0]
+        assert sorted(k[2] for k in d if k[:2] == (tid, "dps")) == [MEAN_DRAW, 0, 1]
+        # One control draw: its mean row is that draw, and it is draw 0 of the full run.
+        np.testing.assert_array_equal(d[(tid, "prior", MEAN_DRAW)], d[(tid, "prior", 0)])
+        np.testing.assert_allclose(d[(tid, "prior", 0)], full[(tid, "prior", 0)], atol=1e-5)
+    with pytest.raises(ConfigError, match="control_draws"):
+        DecodeConfig(control_draws=0)
+
+
 def test_shuffled_control_uses_the_next_trials_neural(setup, decoded):
     prior, likelihood, _, test = setup
     d = _by_key(decoded)

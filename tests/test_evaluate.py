@@ -91,3 +91,25 @@ def test_asr_on_truth_transcribes_real_speech(tmp_path):
                            lambda a: transcribe(model, tok, a, spec))
     assert rows[0]["wer"] < 0.35, (rows[0]["asr"], text)
     assert rows[0]["wer"] == M.wer(text, rows[0]["asr"])
+
+
+def test_diverged_sample_is_scored_missing_with_reason(ingest_root):
+    """A mel far above speech overflows the vocoder: that row gets NaN audio metrics and a
+    reason, the other rows are scored as usual, and ASR runs only on finite audio."""
+    from ssip.data.dataset import load_trials
+    from ssip.evaluate.report import score_trials
+    from ssip.models.vocoder import get_vocoder
+
+    r = load_trials(str(ingest_root))[0]
+    refs = {(r["subject"], r["trial_id"]): r}
+    decoded = [{"subject": r["subject"], "trial_id": r["trial_id"], "method": "truth", "mel": r["mel"]},
+               {"subject": r["subject"], "trial_id": r["trial_id"], "method": "diverged",
+                "mel": np.full_like(r["mel"], 30.0)}]
+    heard = []
+    rows, audio = score_trials(decoded, refs, EvaluateConfig(), get_vocoder("griffinlim"),
+                               lambda a: heard.extend(a) or ["x"] * len(a))
+    truth, bad = rows
+    assert truth["stoi"] > 0.8 and truth["reason"] == ""
+    assert math.isnan(bad["stoi"]) and math.isnan(bad["wer"])
+    assert "not finite" in bad["reason"] and "30" in bad["reason"]
+    assert len(heard) == 1 and len(audio) == 1

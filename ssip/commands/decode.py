@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help="which trials to decode")
     p.add_argument("--subject", action="append", default=None,
                    help="decode only this subject (repeatable; default: all)")
+    p.add_argument("--max-trials", type=int, default=0,
+                   help="decode at most this many trials per subject, in trial order (0 = all)")
     p.add_argument("--out", required=True, help="decoded table to write (.parquet, local or s3://)")
     add_config_args(p)
     p.set_defaults(func=_decode)
@@ -65,6 +67,10 @@ def _decode(args) -> int:
     for t in load_trials(args.ingest, split=args.split, columns=columns):
         if args.subject is None or t["subject"] in args.subject:
             by_subject[t["subject"]].append(t)
+    if args.max_trials < 0:
+        raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
+    if args.max_trials:
+        by_subject = defaultdict(list, {s: ts[:args.max_trials] for s, ts in by_subject.items()})
     if not by_subject:
         raise ValueError(f"no {args.split}-split trials under {args.ingest}"
                          + (f" for subject(s) {args.subject}" if args.subject else ""))

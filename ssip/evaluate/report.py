@@ -24,6 +24,7 @@ from ssip import storage
 from ssip.config import check_option, field
 from ssip.data.dataset import _tensor_values, load_trials
 from ssip.evaluate import metrics as M
+from ssip.mel import MEL_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +95,29 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
                "mel_pcc_chance": chance[0], "mcd": M.mcd(mel_d, mel_r), "reason": pcc_why or ""}
         if vocoder is not None:
             wav = vocoder(mel_d).numpy()[0]
-            audio_out[(d["method"], f"{key[0]}/{key[1]}")] = wav
-            s, why = M.stoi_with_reason(ref["audio"], wav)
-            row["stoi"], row["estoi"] = s, M.estoi(ref["audio"], wav) if why is None else math.nan
+            if np.isfinite(wav).all():
+                audio_out[(d["method"], f"{key[0]}/{key[1]}")] = wav
+                s, why = M.stoi_with_reason(ref["audio"], wav)
+                row["stoi"] = s
+                row["estoi"] = M.estoi(ref["audio"], wav) if why is None else math.nan
+            else:
+                # A diverged sample (mel far above any speech) overflows the vocoder: score the
+                # trial's audio metrics as missing, with the reason, instead of failing the run.
+                row["stoi"] = row["estoi"] = math.nan
+                why = (f"vocoded audio is not finite: decoded mel spans [{mel_d.min():.3g}, "
+                       f"{mel_d.max():.3g}] (speech mels lie in about [{MEL_FLOOR}, 2])")
             row["reason"] = "; ".join(x for x in (row["reason"], why or "") if x)
         rows.append(row)
     if asr is not None and audio_out:
         keys = [(r["method"], f"{r['subject']}/{r['trial_id']}") for r in rows]
-        texts = asr([audio_out[k] for k in keys])
-        for r, t in zip(rows, texts, strict=True):
-            r["asr"] = t
-            r["wer"] = M.wer(r["transcript"], t) if r["transcript"] else math.nan
-            r["cer"] = M.cer(r["transcript"], t) if r["transcript"] else math.nan
+        heard = [k for k in keys if k in audio_out]
+        texts = dict(zip(heard, asr([audio_out[k] for k in heard]), strict=True))
+        for r, k in zip(rows, keys, strict=True):
+            t = texts.get(k)
+            r["asr"] = t if t is not None else ""
+            ok = bool(r["transcript"]) and t is not None
+            r["wer"] = M.wer(r["transcript"], t) if ok else math.nan
+            r["cer"] = M.cer(r["transcript"], t) if ok else math.nan
         # Closed-set identification within each (subject, method), among the evaluated trials.
         groups = defaultdict(list)
         for i, r in enumerate(rows):

@@ -1,0 +1,212 @@
+"""The whole decoder pipeline as one resumable run: corpus -> ingest -> train -> decode -> evaluate.
+
+:class:`PipelineConfig` nests the config of every stage. :func:`plan` turns it into the exact
+``ssip`` command lines a user could run one by one (each stage's config is written to
+``ROOT/configs/<stage>.yaml`` and passed with ``--config``), and :func:`run` executes them in
+order through :func:`ssip.cli.main`, so the pipeline and the single commands share one code path.
+
+A stage is skipped when its output exists AND ``ROOT/pipeline.json`` records that it finished
+with the same config hash and the same upstream outputs; change a config (or force a stage) and
+that stage and everything after it run again. Layout of ROOT::
+
+    corpus/ ingest/ prior/ likelihood/<subject>/ baselines/<subject>/<kind>/
+    decoded.parquet report/report.md configs/<stage>.yaml pipeline.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ssip import storage
+from ssip.config import ConfigError, check_option, check_range, config_hash, field, to_yaml
+from ssip.data.ingest import IngestConfig
+from ssip.data.simulate import CorpusConfig
+from ssip.decode import BASELINE_METHODS, DecodeConfig
+from ssip.evaluate.report import EvaluateConfig
+from ssip.models.baselines import LinearDecoderConfig, NNDecoderConfig
+from ssip.models.likelihood import LikelihoodConfig
+from ssip.models.prior import PriorConfig
+
+STAGES = ("corpus", "ingest", "prior", "likelihood", "baselines", "decode", "evaluate")
+
+
+@dataclass
+class PipelineConfig:
+    """Every stage of ``ssip pipeline`` (each section is that command's own config)."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig,
+                                 help="simulated corpus (`ssip corpus build`)")
+    source: str | None = field(None, help="recordings to ingest instead of building the "
+                                          "simulated corpus (BIDS tree, Flinker .h5 folder)")
+    ingest: IngestConfig = field(default_factory=IngestConfig, help="`ssip ingest`")
+    prior: PriorConfig = field(default_factory=PriorConfig, help="`ssip train prior`")
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig,
+                                         help="`ssip train likelihood`, once per subject")
+    linear: LinearDecoderConfig = field(default_factory=LinearDecoderConfig,
+                                        help="`ssip train baseline --kind linear`")
+    nn: NNDecoderConfig = field(default_factory=NNDecoderConfig,
+                                help="`ssip train baseline --kind nn`")
+    decode: DecodeConfig = field(default_factory=DecodeConfig, help="`ssip decode`")
+    decode_split: str = field("test", help="split to decode and score (train | val | test)")
+    max_decode_trials: int = field(0, help="decode at most this many trials per subject "
+                                           "(0 = all): a quick look at a long run")
+    subjects: list[str] = field(default_factory=list, help="subjects to train and decode "
+                                                           "(empty = every subject ingested)")
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, help="`ssip evaluate`")
+
+    def __post_init__(self) -> None:
+        check_option("decode_split", self.decode_split, ("train", "val", "test"))
+        check_range("max_decode_trials", self.max_decode_trials, 0, None)
+
+
+@dataclass
+class Step:
+    """One command of the pipeline: its stage, argv (without ``ssip``) and finished-marker."""
+
+    stage: str
+    name: str
+    argv: list[str]
+    marker: str
+    key: str  # hash of everything the step's output depends on
+
+
+def _baseline_kinds(cfg: PipelineConfig) -> list[str]:
+    return [m for m in cfg.decode.methods if m in BASELINE_METHODS]
+
+
+def _write_config(root: str, stage: str, section) -> str:
+    path = storage.join(root, "configs", f"{stage}.yaml")
+    storage.write_bytes(path, to_yaml(section).encode())
+    return path
+
+
+def ingested_subjects(ingest_root: str) -> list[str]:
+    """Subjects listed by an ingest manifest (recordings that produced trials)."""
+    manifest = storage.read_json(storage.join(ingest_root, "manifest.json"))
+    return sorted({r["subject"] for r in manifest.get("recordings", [])
+                   if r.get("subject") and r.get("status", "ok") == "ok"})
+
+
+def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) -> list[Step]:
+    """The pipeline's commands in order. Subject steps are listed only when ``subjects`` is
+    given (they are known once ingest has run); stage configs are written under ROOT/configs."""
+    j = lambda *p: storage.join(root, *p)  # noqa: E731
+
+    def h(obj) -> str:
+        if not isinstance(obj, dict):
+            return config_hash(obj)
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+    steps: list[Step] = []
+    if cfg.source is None:
+        steps.append(Step("corpus", "corpus", ["corpus", "build", j("corpus"), "--config",
+                                                _write_config(root, "corpus", cfg.corpus)],
+                          j("corpus", "corpus.json"), h(cfg.corpus)))
+    source = cfg.source or j("corpus")
+    up = steps[-1].key if steps else source
+    steps.append(Step("ingest", "ingest", ["ingest", source, j("ingest"), "--config",
+                                           _write_config(root, "ingest", cfg.ingest)],
+                      j("ingest", "manifest.json"), h({"up": up, "cfg": h(cfg.ingest)})))
+    ingest_key = steps[-1].key
+    ingest = j("ingest")
+    steps.append(Step("prior", "prior", ["train", "prior", ingest, j("prior"), "--config",
+                                         _write_config(root, "prior", cfg.prior)],
+                      j("prior", "manifest.json"), h({"up": ingest_key, "cfg": h(cfg.prior)})))
+    if subjects is None:
+        return steps
+    lik_cfg = _write_config(root, "likelihood", cfg.likelihood)
+    kinds = _baseline_kinds(cfg)
+    base_cfg = {k: _write_config(root, f"baseline-{k}", getattr(cfg, k)) for k in kinds}
+    fitted = [steps[-1].key]
+    for s in subjects:
+        steps.append(Step("likelihood", f"likelihood {s}",
+                          ["train", "likelihood", ingest, j("likelihood", s), "--subject", s,
+                           "--config", lik_cfg], j("likelihood", s, "manifest.json"),
+                          h({"up": ingest_key, "cfg": h(cfg.likelihood), "s": s})))
+        fitted.append(steps[-1].key)
+        for k in kinds:
+            steps.append(Step("baselines", f"baseline {k} {s}",
+                              ["train", "baseline", ingest, j("baselines", s, k), "--subject", s,
+                               "--kind", k, "--config", base_cfg[k]],
+                              j("baselines", s, k, "manifest.json"),
+                              h({"up": ingest_key, "cfg": h(getattr(cfg, k)), "s": s})))
+            fitted.append(steps[-1].key)
+    argv = ["decode", ingest, "--prior", j("prior"), "--likelihood-root", j("likelihood"),
+            *(["--baselines-root", j("baselines")] if kinds else []),
+            "--split", cfg.decode_split, "--out", j("decoded.parquet"),
+            "--config", _write_config(root, "decode", cfg.decode)]
+    for s in subjects:
+        argv += ["--subject", s]
+    if cfg.max_decode_trials:
+        argv += ["--max-trials", str(cfg.max_decode_trials)]
+    steps.append(Step("decode", "decode", argv, j("decoded.parquet"),
+                      h({"up": fitted, "cfg": h(cfg.decode), "split": cfg.decode_split,
+                         "n": cfg.max_decode_trials, "s": list(subjects)})))
+    steps.append(Step("evaluate", "evaluate",
+                      ["evaluate", j("decoded.parquet"), ingest, j("report"), "--config",
+                       _write_config(root, "evaluate", cfg.evaluate)],
+                      j("report", "report.md"), h({"up": steps[-1].key, "cfg": h(cfg.evaluate)})))
+    return steps
+
+
+def _load_state(root: str) -> dict:
+    path = storage.join(root, "pipeline.json")
+    return storage.read_json(path) if storage.exists(path) else {}
+
+
+def run(cfg: PipelineConfig, root: str, *, force: Sequence[str] = (),
+        main: Callable[[list[str]], int] | None = None, echo=print) -> dict:
+    """Run (or resume) the pipeline under ``root``; returns the finished-state dict.
+
+    Parameters
+    ----------
+    force : sequence of str
+        Stages (of :data:`STAGES`) to re-run even when finished; later stages follow.
+    main : callable, optional
+        Runs one command's argv (default :func:`ssip.cli.main`).
+    """
+    for s in force:
+        check_option("force[]", s, STAGES)
+    if main is None:
+        from ssip.cli import main
+    state = _load_state(root)
+    rerun = False
+    start = time.perf_counter()
+
+    def execute(steps: list[Step]) -> None:
+        nonlocal rerun
+        for step in steps:
+            if step.name in state.get("done", {}) and not rerun and step.stage not in force \
+                    and state["done"][step.name] == step.key and storage.exists(step.marker):
+                echo(f"[pipeline] {step.name}: done (skip; --force {step.stage} to redo)")
+                continue
+            rerun = True
+            echo(f"[pipeline] {step.name}: $ ssip {' '.join(step.argv)}", flush=True)
+            t0 = time.perf_counter()
+            code = main(list(step.argv))
+            if code:
+                raise RuntimeError(f"pipeline stage {step.name!r} exited with {code}: "
+                                   f"ssip {' '.join(step.argv)}")
+            state.setdefault("done", {})[step.name] = step.key
+            state.setdefault("seconds", {})[step.name] = round(time.perf_counter() - t0, 1)
+            storage.write_json(storage.join(root, "pipeline.json"), state)
+            echo(f"[pipeline] {step.name}: finished in {time.perf_counter() - t0:.0f} s "
+                 f"({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
+
+    head = plan(cfg, root)
+    execute(head)
+    subjects = list(cfg.subjects) or ingested_subjects(storage.join(root, "ingest"))
+    if not subjects:
+        raise ConfigError(f"{root}/ingest: the manifest lists no subject with trials")
+    missing = sorted(set(cfg.subjects) - set(ingested_subjects(storage.join(root, "ingest"))))
+    if missing:
+        raise ConfigError(f"subjects={missing} are not in {root}/ingest/manifest.json")
+    execute(plan(cfg, root, subjects)[len(head):])
+    report = storage.join(root, "report", "report.md")
+    echo(f"[pipeline] all stages done in {(time.perf_counter() - start) / 60:.1f} min; "
+         f"report: {report}", flush=True)
+    return state

@@ -1,0 +1,146 @@
+"""`ssip pipeline`: the stage plan, resuming, and the whole chain on the tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ssip import storage
+from ssip.config import resolve
+from ssip.pipeline import PipelineConfig, plan, run
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class FakeSsip:
+    """Stands in for ssip.cli.main in the resume tests: records argv and writes each stage's
+    finished-marker (the ingest manifest lists two subjects)."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str]) -> int:
+        self.calls.append(argv)
+        cmd = argv[0] if argv[0] not in ("corpus", "train") else argv[1]
+        if cmd == "build":
+            storage.write_json(storage.join(argv[2], "corpus.json"), {})
+        elif cmd == "ingest":
+            storage.write_json(storage.join(argv[2], "manifest.json"), {"recordings": [
+                {"subject": "s2", "status": "ok"}, {"subject": "s1", "status": "ok"},
+                {"subject": "", "status": "failed"}]})
+        elif cmd in ("prior", "likelihood", "baseline"):
+            storage.write_json(storage.join(argv[3], "manifest.json"), {})
+        elif cmd == "decode":
+            storage.write_bytes(argv[argv.index("--out") + 1], b"x")
+        elif cmd == "evaluate":
+            storage.write_bytes(storage.join(argv[3], "report.md"), b"x")
+        return 0
+
+    def names(self) -> list[str]:
+        return [" ".join(a[:2]) if a[0] in ("corpus", "train") else a[0] for a in self.calls]
+
+
+def test_plan_lists_the_commands_a_user_would_type(tmp_path):
+    cfg = PipelineConfig()
+    steps = plan(cfg, str(tmp_path), ["s1", "s2"])
+    assert [s.name for s in steps] == [
+        "corpus", "ingest", "prior", "likelihood s1", "baseline linear s1", "baseline nn s1",
+        "likelihood s2", "baseline linear s2", "baseline nn s2", "decode", "evaluate"]
+    decode = steps[-2].argv
+    assert decode[:2] == ["decode", str(tmp_path / "ingest")]
+    assert decode[decode.index("--baselines-root") + 1] == str(tmp_path / "baselines")
+    assert [decode[i + 1] for i, a in enumerate(decode) if a == "--subject"] == ["s1", "s2"]
+    # Each stage's config is written where --config points, and reads back equal.
+    prior_cfg = steps[2].argv[steps[2].argv.index("--config") + 1]
+    from ssip.models.prior import PriorConfig
+    assert resolve(PriorConfig, prior_cfg) == cfg.prior
+    # No baselines asked for: no baseline steps and no --baselines-root.
+    cfg.decode.methods = ["dps", "prior"]
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    assert [s.name for s in steps][-3:] == ["likelihood s1", "decode", "evaluate"]
+    assert "--baselines-root" not in steps[-2].argv
+    # A recording folder replaces the simulated corpus.
+    cfg.source = "/data/bids"
+    assert plan(cfg, str(tmp_path))[0].argv[:2] == ["ingest", "/data/bids"]
+
+
+def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
+    root = str(tmp_path / "run")
+    cfg = PipelineConfig()
+    fake = FakeSsip()
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["corpus build", "ingest", "train prior", "train likelihood",
+                            "train baseline", "train baseline", "train likelihood",
+                            "train baseline", "train baseline", "decode", "evaluate"]
+    # Subjects come from the ingest manifest (sorted, failed files left out).
+    assert [a[a.index("--subject") + 1] for a in fake.calls if a[1:2] == ["likelihood"]] == ["s1", "s2"]
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert len(state["done"]) == 11
+
+    fake.calls.clear()
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.calls == []  # everything finished with the same configs
+
+    cfg.decode.n_draws = 3  # only decode and what follows it
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["decode", "evaluate"]
+
+    fake.calls.clear()
+    cfg.prior.total_samples = 1000  # the prior and everything after it
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names()[0] == "train prior" and fake.names()[-2:] == ["decode", "evaluate"]
+    assert "ingest" not in fake.names()
+
+    fake.calls.clear()
+    (tmp_path / "run" / "report" / "report.md").unlink()  # a lost output is made again
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["evaluate"]
+
+    fake.calls.clear()
+    run(cfg, root, force=["ingest"], main=fake, echo=lambda *a, **k: None)
+    assert fake.names()[:2] == ["ingest", "train prior"] and len(fake.calls) == 10
+
+
+def test_failures_name_the_stage(tmp_path):
+    with pytest.raises(RuntimeError, match=r"stage 'prior' exited with 3: ssip train prior"):
+        run(PipelineConfig(), str(tmp_path), echo=lambda *a, **k: None,
+            main=lambda argv: 3 if argv[:2] == ["train", "prior"] else FakeSsip()(argv))
+    with pytest.raises(ValueError, match="force"):
+        run(PipelineConfig(), str(tmp_path), force=["vocode"], main=FakeSsip())
+    cfg = PipelineConfig(subjects=["s9"])
+    with pytest.raises(ValueError, match=r"subjects=\['s9'\]"):
+        run(cfg, str(tmp_path / "b"), main=FakeSsip(), echo=lambda *a, **k: None)
+
+
+def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):
+    """corpus -> ingest (on the test's Ray cluster) -> prior, likelihoods, baselines -> decode
+    -> evaluate, for real, at smoke-test size: every method of every subject reaches the report."""
+    from ssip.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+
+    root = tmp_path / "tiny"
+    assert main(["pipeline", str(root), "--config", str(CONFIGS / "pipeline-tiny.yaml")]) == 0
+    import csv
+
+    with open(root / "report" / "summary.csv") as f:
+        summary = {(r["subject"], r["method"]): r for r in csv.DictReader(f)}
+    cfg = resolve(PipelineConfig, CONFIGS / "pipeline-tiny.yaml")
+    for subject in ("sim01", "sim02", "*"):
+        for method in cfg.decode.methods:
+            assert (subject, method) in summary, (subject, method)
+    # The regression baseline is fitted on real (if few) trials: it must find the speech.
+    assert float(summary[("*", "linear")]["mel_pcc"]) > 0.2
+    from ssip.evaluate.report import read_decoded
+
+    rows = read_decoded(str(root / "decoded.parquet"))
+    n_test = len({(r["subject"], r["trial_id"]) for r in rows})
+    per_trial = 3 * (cfg.decode.n_draws + 1) + 2  # 3 sampled methods (draws + mean), 2 baselines
+    assert len(rows) == n_test * per_trial
+    assert (root / "report" / "report.md").exists()
+    # A second run finds everything finished.
+    calls = []
+    run(cfg, str(root), main=lambda argv: calls.append(argv) or 0, echo=lambda *a, **k: None)
+    assert calls == []
