@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ssip-installed
 DEMO ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup system test lint pytest demo bench clean
+.PHONY: setup system test lint pytest demo bench quality clean
 
 setup: system $(STAMP)
 
@@ -28,13 +28,17 @@ pytest: setup
 
 test: lint pytest
 
-# The main job on the embedded default: build the simulated corpus from real speech, ingest it.
+# The main job on the embedded default: simulated corpus from real speech -> ingest -> prior,
+# likelihoods, baselines -> DPS decode -> report (resumable: a re-run skips finished stages).
 demo: setup
-	$(BIN)/ssip corpus build $(DEMO)/corpus
-	$(BIN)/ssip ingest $(DEMO)/corpus $(DEMO)/ingest
+	$(BIN)/ssip pipeline $(DEMO) --config configs/pipeline-demo.yaml
 
 bench: setup
 	$(BIN)/python bench/ingest.py
+
+# Decoding quality of DPS against the baselines (about an hour on 2 cores; resumable).
+quality: setup
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

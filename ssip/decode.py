@@ -79,6 +79,11 @@ class DecodeConfig:
     sigma_max: float = field(80.0, help="highest noise level of the EDM schedule")
     rho: float = field(7.0, help="EDM schedule exponent")
     heun: bool = field(True, help="Heun (2nd order) correction on every step but the last")
+    s_churn: float = field(0.0, help="EDM stochasticity (Karras et al. Alg. 2): noise added back "
+                                     "per step, 0 = deterministic ODE sampler")
+    s_min: float = field(0.0, help="churn only at sigma >= s_min")
+    s_max: float = field(float("inf"), help="churn only at sigma <= s_max")
+    s_noise: float = field(1.0, help="scale of the churn noise (EDM: 1.003-1.007)")
     seed: int = field(0, help="run seed: draw k of trial t is seeded by (seed, subject/trial, k)")
     batch_size: int = field(8, help="trials per sampler call, each with all its n_draws draws "
                                     "(an optimisation only: results do not depend on it)")
@@ -104,6 +109,10 @@ class DecodeConfig:
         check_range("num_steps", self.num_steps, 1, None)
         check_range("sigma_min", self.sigma_min, 1e-9, self.sigma_max)
         check_range("rho", self.rho, 1e-6, None)
+        check_range("s_churn", self.s_churn, 0.0, None)
+        check_range("s_noise", self.s_noise, 0.0, None)
+        if self.s_min > self.s_max:
+            raise ConfigError(f"s_min={self.s_min} exceeds s_max={self.s_max}")
         check_range("batch_size", self.batch_size, 1, None)
 
 
@@ -239,7 +248,8 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
         denoiser = prior_denoiser(prior)
         schedule = {"num_steps": cfg.num_steps, "sigma_min": cfg.sigma_min,
                     "sigma_max": cfg.sigma_max, "rho": cfg.rho, "heun": cfg.heun,
-                    "pad_value": MEL_FLOOR}
+                    "S_churn": cfg.s_churn, "S_min": cfg.s_min, "S_max": cfg.s_max,
+                    "S_noise": cfg.s_noise, "pad_value": MEL_FLOOR}
         device = next(prior.parameters()).device
         batches = _batches(lengths, factor, cfg.batch_size)
         bar = tqdm(total=n, desc=f"decode {subject}", unit="trial", disable=not progress)

@@ -144,3 +144,17 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):
     calls = []
     run(cfg, str(root), main=lambda argv: calls.append(argv) or 0, echo=lambda *a, **k: None)
     assert calls == []
+
+
+def test_job_entry_point_dry_run(tmp_path):
+    """jobs/pipeline.py (for `ray job submit`) resolves and prints the config, runs nothing."""
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parent.parent / "jobs" / "pipeline.py"
+    out = subprocess.run([sys.executable, str(job), str(tmp_path / "r"), "--config",
+                          str(CONFIGS / "pipeline-tiny.yaml"), "--set", "decode.n_draws=3",
+                          "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "# PipelineConfig" in out.stdout and "n_draws: 3" in out.stdout
+    assert not (tmp_path / "r").exists()
