@@ -208,7 +208,8 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     -------
     list of dict
         Rows ``subject``, ``trial_id``, ``method``, ``draw`` (k, or -1 for the posterior mean and
-        for baselines) and ``mel`` (80, T) float32 ndarray, T the trial's frame count; ordered by
+        for baselines) and ``mel`` (80, T) float32 ndarray, T the trial's frame count; the mean
+        rows of sampled methods also carry ``spread`` (mean std over draws); ordered by
         trial, then method (in ``cfg.methods`` order), then draw (0..K-1, then -1).
 
     Raises
@@ -272,7 +273,12 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                     rows = out[(i, method)]
                     for k in range(n_draws):
                         rows.append(_row(trials[i], method, k, draws.samples[b, k, 0, :, :t]))
-                    rows.append(_row(trials[i], method, MEAN_DRAW, draws.mean[b, 0, :, :t]))
+                    mean_row = _row(trials[i], method, MEAN_DRAW, draws.mean[b, 0, :, :t])
+                    # Posterior spread: the draws' std (per element, over draws), averaged over
+                    # the trial's real frames and bins; NaN with a single draw.
+                    mean_row["spread"] = (float(draws.std[b, 0, :, :t].mean()) if n_draws > 1
+                                          else math.nan)
+                    rows.append(mean_row)
             bar.update(len(idx))
         bar.close()
 

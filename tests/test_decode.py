@@ -73,7 +73,8 @@ def test_rows_keys_shapes_and_order(setup, decoded):
         ("rec/0020", "dps", 0), ("rec/0020", "dps", 1), ("rec/0020", "dps", -1),
         ("rec/0020", "prior", 0), ("rec/0020", "prior", 1), ("rec/0020", "prior", -1)]
     for r in decoded:
-        assert set(r) == {"subject", "trial_id", "method", "draw", "mel"}
+        keys = {"subject", "trial_id", "method", "draw", "mel"}
+        assert set(r) == (keys | {"spread"} if r["draw"] == MEAN_DRAW else keys)
         assert r["subject"] == SUBJECT
         n = dict((t["trial_id"], t["neural"].shape[0]) for t in test)[r["trial_id"]]
         assert r["mel"].shape == (N_MELS, n) and r["mel"].dtype == np.float32
@@ -90,6 +91,11 @@ def test_mean_row_is_mean_of_draws(decoded):
                                        atol=1e-6)
     # Two draws differ (their seeds differ).
     assert np.abs(d[("rec/0020", "dps", 0)] - d[("rec/0020", "dps", 1)]).mean() > 1e-2
+    # The mean row's spread is the draws' std (Bessel, K = 2: |a - b| / sqrt(2)), averaged.
+    for r in decoded:
+        if r["draw"] == MEAN_DRAW:
+            a, b = d[(r["trial_id"], r["method"], 0)], d[(r["trial_id"], r["method"], 1)]
+            assert r["spread"] == pytest.approx(float(np.abs(a - b).mean() / np.sqrt(2)), rel=1e-4)
 
 
 def test_batch_equals_each_alone(setup, decoded):

@@ -32,13 +32,15 @@ def register(sub) -> None:
 
 
 def decoded_rows_table(rows: list[dict]):
-    """The decoded table of :func:`ssip.evaluate.report.decoded_table` plus an int32 ``draw``."""
+    """The decoded table of :func:`ssip.evaluate.report.decoded_table` plus an int32 ``draw``
+    and a float ``spread`` (posterior std of the mean rows, null elsewhere)."""
     import pyarrow as pa
 
     from ssip.evaluate.report import decoded_table
 
     return decoded_table(rows).append_column(
-        "draw", pa.array([int(r.get("draw", -1)) for r in rows], pa.int32()))
+        "draw", pa.array([int(r.get("draw", -1)) for r in rows], pa.int32())).append_column(
+        "spread", pa.array([r.get("spread") for r in rows], pa.float32()))
 
 
 def _decode(args) -> int:

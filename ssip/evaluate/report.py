@@ -92,7 +92,8 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
         row = {"subject": key[0], "trial_id": key[1], "method": d["method"], "draw": d.get("draw", -1),
                "split": ref.get("split", ""), "transcript": ref.get("transcript", ""),
                "mel_pcc": pcc, "mel_pcc_flat": M.mel_pcc_flat(mel_d, mel_r),
-               "mel_pcc_chance": chance[0], "mcd": M.mcd(mel_d, mel_r), "reason": pcc_why or ""}
+               "mel_pcc_chance": chance[0], "mcd": M.mcd(mel_d, mel_r), "reason": pcc_why or "",
+               "spread": math.nan if d.get("spread") is None else float(d["spread"])}
         if vocoder is not None:
             wav = vocoder(mel_d).numpy()[0]
             if np.isfinite(wav).all():
@@ -134,7 +135,7 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
 
 
 METRIC_COLUMNS = ("mel_pcc", "mel_pcc_flat", "mel_pcc_chance", "mcd", "stoi", "estoi", "wer", "cer",
-                  "identified", "identified_chance")
+                  "identified", "identified_chance", "spread")
 
 
 def method_label(row: dict) -> str:
@@ -254,7 +255,9 @@ def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
     lines += ["## Summary (mean per trial; subject * pools all subjects)", "", _markdown_table(summary), "",
               "mel_pcc: mean over bins of Pearson r on speech frames; mel_pcc_chance: the same for "
               "the decoded mel circularly shifted; identified: closed-set identification rate "
-              "among the evaluated trials' transcripts (chance: identified_chance).", "",
+              "among the evaluated trials' transcripts (chance: identified_chance); spread: "
+              "posterior std over draws, mean over elements (posterior-mean rows of sampled "
+              "methods).", "",
               "## Figures", ""]
     lines += [f"![{k[0]} {k[1]}]({rel})" for k, rel in fig_links]
     if wav_links:
