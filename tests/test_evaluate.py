@@ -113,3 +113,28 @@ def test_diverged_sample_is_scored_missing_with_reason(ingest_root):
     assert math.isnan(bad["stoi"]) and math.isnan(bad["wer"])
     assert "not finite" in bad["reason"] and "30" in bad["reason"]
     assert len(heard) == 1 and len(audio) == 1
+
+
+def test_each_draw_is_vocoded_and_heard_on_its_own(ingest_root, tmp_path):
+    """Draws of one trial are distinct audio: each gets its own ASR text and WAV file."""
+    from ssip.data.dataset import load_trials
+    from ssip.evaluate.report import score_trials
+
+    r = load_trials(str(ingest_root))[0]
+    rows_in = [{"subject": r["subject"], "trial_id": r["trial_id"], "method": "dps", "draw": k,
+                "mel": r["mel"] + 0.1 * k} for k in (0, 1, -1)]
+    from ssip.models.vocoder import get_vocoder
+
+    rows, audio = score_trials(rows_in, {(r["subject"], r["trial_id"]): r},
+                               EvaluateConfig(), get_vocoder("griffinlim"),
+                               lambda a: [f"text {float(np.abs(x).mean()):.6f}" for x in a])
+    assert len(audio) == 3
+    assert len({row["asr"] for row in rows}) == 3
+    dec = tmp_path / "d.parquet"
+    from ssip.commands.decode import decoded_rows_table
+
+    storage.write_parquet(str(dec), decoded_rows_table(rows_in))
+    evaluate(str(dec), str(ingest_root), str(tmp_path / "rep"), EvaluateConfig(asr_model="none"))
+    wavs = sorted(p.name for p in (tmp_path / "rep" / "wavs").rglob("*.wav"))
+    tid = r["trial_id"].split("/")[-1]
+    assert wavs == sorted([f"{tid}.wav", f"{tid}-draw0.wav", f"{tid}-draw1.wav"])

@@ -97,7 +97,7 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
         if vocoder is not None:
             wav = vocoder(mel_d).numpy()[0]
             if np.isfinite(wav).all():
-                audio_out[(d["method"], f"{key[0]}/{key[1]}")] = wav
+                audio_out[(d["method"], f"{key[0]}/{key[1]}", int(d.get("draw", -1)))] = wav
                 s, why = M.stoi_with_reason(ref["audio"], wav)
                 row["stoi"] = s
                 row["estoi"] = M.estoi(ref["audio"], wav) if why is None else math.nan
@@ -110,7 +110,7 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
             row["reason"] = "; ".join(x for x in (row["reason"], why or "") if x)
         rows.append(row)
     if asr is not None and audio_out:
-        keys = [(r["method"], f"{r['subject']}/{r['trial_id']}") for r in rows]
+        keys = [(r["method"], f"{r['subject']}/{r['trial_id']}", int(r["draw"])) for r in rows]
         heard = [k for k in keys if k in audio_out]
         texts = dict(zip(heard, asr([audio_out[k] for k in heard]), strict=True))
         for r, k in zip(rows, keys, strict=True):
@@ -229,11 +229,15 @@ def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
             f.write(",".join(str(s[k]) for k in keys) + "\n")
     wav_links = []
     if cfg.write_wavs:
-        for (method, key), wav in sorted(audio.items()):
-            rel = os.path.join("wavs", method, key.replace(":", "_") + ".wav")
+        for (method, key, draw), wav in sorted(audio.items()):
+            # Single posterior draws beside the mean: <trial>-draw<k>.wav; the report links the
+            # posterior means and baselines (draw -1) only.
+            name = key.replace(":", "_") + ("" if draw < 0 else f"-draw{draw}")
+            rel = os.path.join("wavs", method, name + ".wav")
             os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
             sf.write(os.path.join(out, rel), wav, 16000)
-            wav_links.append((method, key, rel))
+            if draw < 0:
+                wav_links.append((method, key, rel))
     fig_links = []
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     by_trial = defaultdict(dict)
