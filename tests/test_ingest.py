@@ -252,3 +252,19 @@ def test_s3_ingest_on_moto(corpus, tmp_path, ray_cluster, moto_s3):
     a = sorted(_read_trials("s3://ssip-test/ingest"), key=lambda r: r["trial_id"])
     b = sorted(_read_trials(str(local)), key=lambda r: r["trial_id"])
     assert a == b
+
+
+@pytest.mark.ray
+def test_embedded_ray_is_shut_down_after_ingest(corpus, tmp_path, monkeypatch):
+    """Without a cluster address, ingest starts an embedded Ray on 127.0.0.1 and stops it when
+    done, so a long process (``ssip pipeline`` training after ingest) holds no Ray processes."""
+    import ray
+
+    from ssip.distributed.ingest import run_ingest
+
+    if ray.is_initialized():
+        ray.shutdown()  # a connection to the session's test cluster; later tests reconnect
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    m = run_ingest(str(corpus / "bids"), str(tmp_path / "out"), IngestConfig(), num_cpus=1)
+    assert m["n_trials"] > 0 and all(r["status"] == "ok" for r in m["recordings"])
+    assert not ray.is_initialized()

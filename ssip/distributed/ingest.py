@@ -61,12 +61,16 @@ def run_ingest(source: str, out: str, cfg: IngestConfig, *, address: str | None 
 
     recordings = discover(source, cfg.format)
     log.info("ingesting %d recording(s) from %s into %s", len(recordings), source, out)
-    init_ray(address, num_cpus)
+    embedded = init_ray(address, num_cpus)
     cfg_dict = dataclasses.asdict(cfg)
     items = [{"out": str(out), "path": p, "format": f, "config": cfg_dict} for p, f in recordings]
     t0 = time.time()
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    results = sorted(ds.map(ingest_one, num_cpus=1).take_all(), key=lambda r: r["path"])
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        results = sorted(ds.map(ingest_one, num_cpus=1).take_all(), key=lambda r: r["path"])
+    finally:
+        if embedded:
+            ray.shutdown()
     elapsed = time.time() - t0
 
     manifest_uri = storage.join(out, MANIFEST)

@@ -12,12 +12,18 @@ import os
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray on 127.0.0.1."""
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray on 127.0.0.1.
+
+    Returns True when this call started an embedded instance (the caller should
+    ``ray.shutdown()`` it when its Ray work is done, so that a long process, such as
+    ``ssip pipeline`` training after ingest, does not depend on Ray processes it no longer
+    uses), False when Ray was already up or a cluster was joined.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers must import ssip from the same checkout as the driver; the working directory is
     # on their path when the package is installed in editable mode or on PYTHONPATH.
@@ -34,3 +40,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
         )
+        return True
+    return False
