@@ -318,9 +318,7 @@ def _sample_batch(method: str, denoiser, likelihood, ys: np.ndarray | None, mask
     except NonFiniteSampleError as e:
         bad = sorted({keys[b // k] for b in e.items if b // k < len(keys)})
         raise NonFiniteSampleError(f"method {method!r}, trials {bad}: {e}", e.step, e.items) from e
-    samples = flat.reshape(len(keys), k, *flat.shape[1:]).float()
-    std = samples.std(dim=1, correction=1) if k > 1 else torch.zeros_like(samples[:, 0])
-    return PosteriorDraws(samples=samples, mean=samples.mean(dim=1), std=std)
+    return PosteriorDraws.from_samples(flat.reshape(len(keys), k, *flat.shape[1:]).float())
 
 
 def _row(trial: Mapping[str, Any], method: str, draw: int, mel) -> dict[str, Any]:

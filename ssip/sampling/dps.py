@@ -318,6 +318,13 @@ class PosteriorDraws(NamedTuple):
     mean: torch.Tensor  # (B, *S)
     std: torch.Tensor  # (B, *S), over draws with Bessel's correction; zeros when K == 1
 
+    @classmethod
+    def from_samples(cls, samples: torch.Tensor) -> PosteriorDraws:
+        """Summarise samples (B, K, *S): pointwise mean and std over the K draws."""
+        k = samples.shape[1]
+        std = samples.std(dim=1, correction=1) if k > 1 else torch.zeros_like(samples[:, 0])
+        return cls(samples=samples, mean=samples.mean(dim=1), std=std)
+
 
 def posterior_draws(
     sampler: Callable[..., torch.Tensor],
@@ -359,6 +366,4 @@ def posterior_draws(
         sampler(shape_or_latents=shape, generators=[g[k] for g in generators], **sampler_kwargs)
         for k in range(K)
     ]
-    samples = torch.stack(draws, dim=1)
-    std = samples.std(dim=1, correction=1) if K > 1 else torch.zeros_like(draws[0])
-    return PosteriorDraws(samples=samples, mean=samples.mean(dim=1), std=std)
+    return PosteriorDraws.from_samples(torch.stack(draws, dim=1))
