@@ -5,7 +5,10 @@ One row per (subject, trial, method, draw) with the decoded mel (80, T) cropped 
 
 - ``"dps"``: Diffusion Posterior Sampling (Chung et al., ICLR 2023) with the EDM prior and the
   subject's likelihood (:func:`ssip.sampling.dps_edm`), draws k = 0..K-1 and their pointwise
-  mean as draw = -1 (the estimate to score with mel PCC / STOI, DESIGN.md section 4).
+  mean as draw = -1 (the estimate to score with mel PCC / STOI, DESIGN.md section 4). By
+  default the guidance is the Gaussian likelihood's own score (``weight`` 1): the likelihood's
+  sigma is the noise's long-run std (:func:`ssip.models.likelihood.variance_inflation`), so the
+  prior and the neural evidence are weighed as the model says, with no step size to tune.
 - ``"prior"``: unconditional EDM samples (:func:`ssip.sampling.edm_sample`) from the SAME seeds,
   so the difference to ``"dps"`` is the guidance alone.
 - ``"dps-shuffled"``: DPS driven by another trial's neural data of the same subject (trial i of
@@ -71,10 +74,15 @@ class DecodeConfig:
                                                  "control only has to show chance, so fewer "
                                                  "draws save most of a decode's time")
     num_steps: int = field(50, help="EDM sampler steps (about 50 sufficed; 100 gave nothing more)")
-    xi: float | None = field(0.2, help="CQT-Diff normalised guidance step (robust at 0.1-0.3); "
-                                       "set to null to use zeta")
-    zeta: float | None = field(None, help="constant DPS step on the non-squared residual norm "
-                                          "(use instead of xi: set xi to null)")
+    weight: float | None = field(1.0, help="guidance as the Gaussian likelihood's score times "
+                                           "weight (1 = the calibrated likelihood); set to null "
+                                           "to use xi or zeta instead")
+    xi: float | None = field(None, help="CQT-Diff normalised guidance step (0.05-0.1 on the "
+                                        "default corpus), instead of weight")
+    zeta: float | None = field(None, help="constant DPS step on the non-squared residual norm, "
+                                          "instead of weight")
+    inflation: float = field(0.0, help="with weight: the score is scaled by "
+                                       "1 / (1 + inflation * sigma^2) (PiGDM-style)")
     sigma_min: float = field(0.002, help="lowest noise level of the EDM schedule")
     sigma_max: float = field(80.0, help="highest noise level of the EDM schedule")
     rho: float = field(7.0, help="EDM schedule exponent")
@@ -96,10 +104,12 @@ class DecodeConfig:
             check_option("methods[]", m, METHODS)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={self.methods} lists a method twice")
-        if (self.xi is None) == (self.zeta is None):
-            raise ConfigError(f"give exactly one of xi (normalised step) or zeta (constant "
-                              f"step), got xi={self.xi}, zeta={self.zeta}: set the other to null")
-        for name in ("xi", "zeta"):
+        rules = {"xi": self.xi, "zeta": self.zeta, "weight": self.weight}
+        if sum(v is not None for v in rules.values()) != 1:
+            raise ConfigError(f"give exactly one of xi (normalised step), zeta (constant step) "
+                              f"or weight (Gaussian score), got {rules}: set the others to null")
+        check_range("inflation", self.inflation, 0.0, None)
+        for name in ("xi", "zeta", "weight"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name}={v!r} must be finite and >= 0")
@@ -178,6 +188,7 @@ def prior_denoiser(prior: torch.nn.Module):
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return prior(x.float(), sigma.float())
 
+    denoiser.sigma_data = float(prior.sigma_data)  # for the PiGDM-style guidance weight
     return denoiser
 
 
@@ -310,6 +321,8 @@ def _sample_batch(method: str, denoiser, likelihood, ys: np.ndarray | None, mask
     else:
         residual = make_residual(likelihood, torch.from_numpy(np.repeat(ys, k, axis=0)), mask_k)
         sampler = functools.partial(dps_edm, denoiser, residual, xi=cfg.xi, zeta=cfg.zeta,
+                                    weight=cfg.weight, inflation=cfg.inflation,
+                                    sigma_data=float(getattr(denoiser, "sigma_data", 0.5)),
                                     frame_mask=mask_k, **schedule)
     try:
         # DPS differentiates through the frozen denoiser and likelihood: grad must be on.

@@ -102,7 +102,47 @@ def ray_cluster(tmp_path_factory, moto_s3):
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_head(str(tmp), port)
+
+
+def _stop_ray_head(temp_dir: str, port: int) -> None:
+    """Stop the processes of the Ray head started with ``--temp-dir=temp_dir --port=port`` only.
+
+    ``ray stop`` stops every Ray process on the machine, including a user's own cluster or a
+    second test run's; here only the processes naming this head's temp dir, their children (the
+    raylet's agents and workers) and the Ray client server of this port are stopped.
+    """
+    import psutil
+
+    own: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if temp_dir in cmd or ("ray.util.client.server" in cmd and f":{port} " in f"{cmd} "):
+            own[proc.pid] = proc
+            for child in _children(proc):
+                own[child.pid] = child
+    own.pop(os.getpid(), None)
+    for proc in own.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(own.values()), timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _children(proc):
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 @pytest.fixture(scope="session")

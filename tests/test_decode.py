@@ -124,8 +124,8 @@ def test_same_seed_same_bytes_other_seed_differs(setup, decoded):
 def test_prior_uses_the_same_seeds_and_guidance_changes_the_sample(setup, decoded):
     prior, likelihood, _, test = setup
     d = _by_key(decoded)
-    # xi = 0 turns DPS into the unconditional sampler with the same seeds: equal to "prior".
-    cfg0 = DecodeConfig(methods=["dps"], xi=0.0, **FAST)
+    # Zero guidance turns DPS into the unconditional sampler with the same seeds: equal to "prior".
+    cfg0 = DecodeConfig(methods=["dps"], weight=0.0, **FAST)
     unguided = _by_key(decode_trials(test[:1], prior, likelihood, cfg0))
     np.testing.assert_allclose(unguided[("rec/0020", "dps", 0)], d[("rec/0020", "prior", 0)],
                                atol=1e-5)
@@ -182,7 +182,9 @@ def test_baselines(setup):
 def test_errors(setup):
     prior, likelihood, _, test = setup
     with pytest.raises(ConfigError, match="exactly one of xi"):
-        DecodeConfig(xi=0.2, zeta=0.5)
+        DecodeConfig(xi=0.2, zeta=0.5, weight=None)
+    with pytest.raises(ConfigError, match="exactly one of xi"):
+        DecodeConfig(xi=0.2)  # weight is on by default
     with pytest.raises(ConfigError, match="methods"):
         DecodeConfig(methods=["dps", "oracle"])
     with pytest.raises(ValueError, match="needs >= 2 trials"):

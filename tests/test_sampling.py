@@ -145,6 +145,38 @@ def test_dps_edm_normalised_step_moves_toward_posterior():
     assert err < 0.75 * prior_err
 
 
+def test_gaussian_score_with_pigdm_inflation_samples_the_exact_posterior():
+    # Isotropic A = a I: under a Gaussian prior N(mu, s^2 I) the exact p(y | x_t) is
+    # N(y; a E[x0 | x_t], (sigma_e^2 + a^2 r_t^2) I), r_t^2 = s^2 t^2 / (s^2 + t^2), so the
+    # Gaussian score with weight 1 and inflation a^2 / sigma_e^2 IS the posterior score and the
+    # ODE sampler draws the exact posterior (up to discretisation and Monte Carlo error).
+    # Measured (N=2000, 64 Heun steps): max mean error 0.0086 (4 se = 0.0166), std 0.187 vs 0.186.
+    a, sig_e, N = 1.5, 0.3, 2000
+    g = torch.Generator().manual_seed(8)
+    y = a * (MU.flatten() + S_PRIOR * torch.randn(D_DIM, generator=g, dtype=F64))
+    y = y + sig_e * torch.randn(D_DIM, generator=g, dtype=F64)
+    post_var = 1.0 / (1.0 / S_PRIOR**2 + a**2 / sig_e**2)
+    post_mean = post_var * (MU.flatten() / S_PRIOR**2 + a * y / sig_e**2)
+
+    def residual(x0_hat):
+        return (y - a * x0_hat.flatten(1)) / sig_e, None
+
+    def run(inflation):
+        x = dps_edm(gaussian_denoiser, residual, (N, *ITEM), gens(range(N)), weight=1.0,
+                    inflation=inflation, sigma_data=S_PRIOR, num_steps=64)
+        return x.double().flatten(1)
+
+    x = run(a**2 / sig_e**2)
+    se = math.sqrt(post_var / N)
+    assert (x.mean(0) - post_mean).abs().max() < 4 * se
+    assert abs(x.std(0).mean().item() / math.sqrt(post_var) - 1) < 0.05
+    # Without the inflation the likelihood is over-weighted while x0 is still uncertain: the
+    # samples collapse (measured: std 0.016, max mean error 0.197).
+    x0 = run(0.0)
+    assert (x0.mean(0) - post_mean).abs().max() > 8 * se
+    assert x0.std(0).mean().item() < 0.5 * math.sqrt(post_var)
+
+
 def test_dps_ancestral_approaches_the_exact_posterior():
     # Measured (N=400, 50 respaced steps, zeta=0.05): distance 0.061 vs 1.08; mean std 0.329 vs
     # posterior 0.367 (the small-variance ancestral sampler under-disperses at 50 steps).
@@ -159,7 +191,7 @@ def test_dps_ancestral_approaches_the_exact_posterior():
 
 def test_single_guided_step_closed_form():
     # One Euler step from sigma_max straight to 0 lands on D(x); the guidance then moves by
-    # -zeta g (constant) or -xi sigma_max sqrt(L) g / ||g|| (normalised), with
+    # -zeta g (constant), -xi sigma_max sqrt(L) g / ||g|| (normalised) or the Gaussian score, with
     # g = grad_x ||r(D(x))|| = -c A^T r / (sigma_e ||r||), c = s^2 / (s^2 + sigma^2).
     A, y, _, _ = linear_problem()
     n = torch.randn(3, *ITEM, dtype=F64, generator=torch.Generator().manual_seed(2))
@@ -176,6 +208,14 @@ def test_single_guided_step_closed_form():
     g_unit = g / g.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
     expected = D_x - 0.2 * smax * math.sqrt(D_DIM) * g_unit
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-6)
+    # Gaussian score: -smax^2 w ||r|| g, w = weight / (1 + inflation r^2), r^2 of sigma_data 0.5.
+    r2 = 0.25 * smax**2 / (0.25 + smax**2)
+    for weight, inflation in ((0.7, 0.0), (1.0, 3.0)):
+        out = dps_edm(gaussian_denoiser, linear_residual, n, gens(range(3)), weight=weight,
+                      inflation=inflation, sigma_data=0.5, **kw)
+        w = weight / (1 + inflation * r2)
+        expected = D_x - smax**2 * w * r.norm(dim=1).reshape(-1, 1, 1, 1) * g
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-6)
     # Ancestral, one step: x_T is VP, x0_hat = D(x_T / sqrt(abar); sigma), then x0_hat - zeta g,
     # with the chain rule through 1 / sqrt(abar).
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=F64), 0)[-1].item()

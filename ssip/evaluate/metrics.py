@@ -200,8 +200,9 @@ def mcd(
     per frame MCD_t = (10 / ln 10) * sqrt(2 * sum_{d=1}^{D} (c_d - c'_d)^2) with D = ``n_coeffs``
     (c_0, the frame energy, left out unless ``include_c0``); then the mean over frames. With the
     log of power (not amplitude) and an orthonormal DCT, 10 / ln 10 turns nepers of power into
-    dB; the sqrt(2) is the customary factor of Kubichek (1993). Values therefore are about twice
-    those of toolkits that take the cepstrum of log amplitude.
+    dB; the sqrt(2) is the customary factor of Kubichek (1993). The scale is NOT that of SPTK-style
+    MCD (cepstra of log amplitude with the cepstrum's 2/N scaling, not an orthonormal DCT over 80
+    mel bins): values here are several times larger. Compare MCDs only within ssip.
 
     Parameters
     ----------

@@ -74,13 +74,16 @@ def residual_norm_grad(
     return norm.detach(), grad
 
 
-def _check_step_rule(zeta: float | None, xi: float | None) -> None:
-    if (zeta is None) == (xi is None):
+def _check_step_rule(zeta: float | None, xi: float | None, weight: float | None,
+                     inflation: float) -> None:
+    if sum(v is not None for v in (zeta, xi, weight)) != 1:
         raise ValueError(
-            f"dps_edm: give exactly one of zeta (constant step) or xi (normalised step), "
-            f"got zeta={zeta}, xi={xi}"
+            f"dps_edm: give exactly one of zeta (constant step), xi (normalised step) or weight "
+            f"(Gaussian likelihood score), got zeta={zeta}, xi={xi}, weight={weight}"
         )
-    for name, v in (("zeta", zeta), ("xi", xi)):
+    if not (math.isfinite(inflation) and inflation >= 0):
+        raise ValueError(f"inflation={inflation}: must be finite and >= 0")
+    for name, v in (("zeta", zeta), ("xi", xi), ("weight", weight)):
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name}={v}: the guidance step size must be finite and >= 0")
 
@@ -93,6 +96,9 @@ def dps_edm(
     *,
     zeta: float | None = None,
     xi: float | None = None,
+    weight: float | None = None,
+    inflation: float = 0.0,
+    sigma_data: float = 0.5,
     num_steps: int = 50,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -115,6 +121,15 @@ def dps_edm(
     Euler (or Heun) update to x_next,
 
     - constant step: x_next <- x_next - zeta * g_b (zeta as in the DPS code's ``scale``);
+    - Gaussian likelihood score: the score of log N(y; A(D_x), Sigma) under the Tweedie
+      approximation of DPS, -grad (1/2)||r_b||^2 = -||r_b|| g_b, added to the prior score with
+      weight w_t = weight / (1 + inflation * r_t^2), so x_next <- x_next - (t_hat - t_next) *
+      t_hat * w_t * ||r_b|| * g_b (the Euler step of the probability-flow ODE). With a calibrated
+      likelihood (whitened by the noise's long-run std) weight = 1 is the posterior's own
+      weight; r_t^2 = sd^2 t^2 / (sd^2 + t^2) is the variance of x0 given x_t for data of std sd
+      (``sigma_data``), and ``inflation`` ~ ||A||^2 / sigma_y^2 adds the x0-uncertainty to the
+      noise as PiGDM does (Song et al., ICLR 2023): exact for a Gaussian prior of std sd and
+      an isotropic linear A with inflation = a^2 / sigma_y^2;
     - normalised step (CQT-Diff): s_b = xi / (||g_b|| / sqrt(L_b) * t_hat) is the weight of g_b
       in the score, so x_next <- x_next - (t_hat - t_next) * t_hat * s_b * g_b, i.e. a move of
       RMS xi * (t_hat - t_next) per element whatever the gradient's scale. L_b counts the real
@@ -128,9 +143,13 @@ def dps_edm(
         As in :func:`ssip.sampling.edm.edm_sample`.
     residual : callable
         ``residual(x0_hat) -> (r, r_mask)``, the whitened per-trial residual; see module doc.
-    zeta, xi : float
-        Exactly one: constant step on the non-squared norm, or CQT-Diff's normalised step
-        (DESIGN.md: xi about 0.1-0.3 was robust with ~50 steps). Retune on any sampler change.
+    zeta, xi, weight : float
+        Exactly one: constant step on the non-squared norm, CQT-Diff's normalised step
+        (DESIGN.md: xi about 0.1-0.3 was robust with ~50 steps; retune on any sampler change),
+        or the Gaussian likelihood score's weight (1 = calibrated).
+    inflation, sigma_data : float
+        With ``weight``: the PiGDM-style down-weighting at high noise (0 = none) and the data
+        std it assumes.
     guide_steps : sequence of bool, length num_steps, optional
         Guide only the steps marked True (default: all).
     callback : callable, optional
@@ -141,7 +160,7 @@ def dps_edm(
     torch.Tensor, shape (B, *S), float32
         One posterior sample per item; padded frames hold ``pad_value``.
     """
-    _check_step_rule(zeta, xi)
+    _check_step_rule(zeta, xi, weight, inflation)
     if guide_steps is None:
         guide_steps = [True] * num_steps
     if len(guide_steps) != num_steps:
@@ -190,6 +209,12 @@ def dps_edm(
                 grad = fill_padding(grad, mask, 0.0)
                 if zeta is not None:
                     x_next = x_next - zeta * grad
+                elif weight is not None:
+                    # Score of the Gaussian likelihood: grad (1/2)||r||^2 = ||r|| grad ||r||.
+                    r2 = sigma_data**2 * t_hat**2 / (sigma_data**2 + t_hat**2)
+                    w = weight / (1.0 + inflation * r2)
+                    sq_grad = norm.reshape(n_real.shape) * grad
+                    x_next = x_next - (t_hat - t_next) * t_hat * w * sq_grad
                 else:
                     g_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).reshape(n_real.shape)
                     normguide = g_norm / n_real.sqrt()
