@@ -137,6 +137,11 @@ def test_normalize_text():
     assert M.normalize_text("  You'd  dial 1,234 on the 3rd  try;  28.8 kbit!") == (
         "youd dial one thousand two hundred and thirty four on the third try twenty eight "
         "point eight kbit")
+    # Whisper can hallucinate hundreds of digits on decoded audio: past num2words' range the
+    # number is read digit by digit instead of aborting the evaluation.
+    huge = "1" + "0" * 400
+    assert M.normalize_text(f"a {huge} b") == "a one " + "zero " * 400 + "b"
+    assert M.normalize_text(f"{huge}th 2.5") == "one " + "zero " * 400 + "two point five"
 
 
 def test_chance_level_noise_and_shifts(speech):

@@ -317,8 +317,13 @@ _APOSTROPHE = re.compile(r"['’`]")
 _NON_WORD = re.compile(r"[^\w\s]|_")
 
 
-def _number_words(digits: str) -> str:
-    return num2words(float(digits) if "." in digits else int(digits))
+def _number_words(digits: str, to: str = "cardinal") -> str:
+    try:
+        return num2words(float(digits) if "." in digits else int(digits), to=to)
+    except OverflowError:
+        # Past num2words' range (an ASR hallucination of hundreds of zeros does happen on
+        # decoded audio): read it digit by digit, as a person would.
+        return " ".join("point" if c == "." else num2words(int(c)) for c in digits)
 
 
 def normalize_text(text: str) -> str:
@@ -327,10 +332,11 @@ def normalize_text(text: str) -> str:
     Lowercase; digits spelled out as English words with ``num2words`` ("press 1" -> "press
     one", "3rd" -> "third", "28.8" -> "twenty eight point eight"), so a spoken number matches
     whichever way a transcript or the ASR wrote it; apostrophes dropped ("you'd" -> "youd");
-    every other punctuation mark becomes a space; whitespace collapsed.
+    every other punctuation mark becomes a space; whitespace collapsed. A number too long for
+    ``num2words`` is read digit by digit.
     """
     t = _THOUSANDS.sub("", text.lower())
-    t = _ORDINAL.sub(lambda m: f" {num2words(int(m.group(1)), to='ordinal')} ", t)
+    t = _ORDINAL.sub(lambda m: f" {_number_words(m.group(1), to='ordinal')} ", t)
     t = _NUMBER.sub(lambda m: f" {_number_words(m.group())} ", t)
     t = _APOSTROPHE.sub("", t)
     t = _NON_WORD.sub(" ", t)
