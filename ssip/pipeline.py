@@ -7,7 +7,8 @@ order through :func:`ssip.cli.main`, so the pipeline and the single commands sha
 
 A stage is skipped when its output exists AND ``ROOT/pipeline.json`` records that it finished
 with the same config hash and the same upstream outputs; change a config (or force a stage) and
-that stage and everything after it run again. Layout of ROOT::
+that stage and the stages that read its outputs run again (a new prior re-runs decode and
+evaluate, not the per-subject likelihoods and baselines). Layout of ROOT::
 
     corpus/ ingest/ prior/ likelihood/<subject>/ baselines/<subject>/<kind>/
     decoded.parquet report/report.md configs/<stage>.yaml pipeline.json
@@ -72,6 +73,7 @@ class Step:
     argv: list[str]
     marker: str
     key: str  # hash of everything the step's output depends on
+    deps: tuple[str, ...] = ()  # names of the steps whose outputs it reads
 
 
 def _baseline_kinds(cfg: PipelineConfig) -> list[str]:
@@ -110,31 +112,36 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
     up = steps[-1].key if steps else source
     steps.append(Step("ingest", "ingest", ["ingest", source, j("ingest"), "--config",
                                            _write_config(root, "ingest", cfg.ingest)],
-                      j("ingest", "manifest.json"), h({"up": up, "cfg": h(cfg.ingest)})))
+                      j("ingest", "manifest.json"), h({"up": up, "cfg": h(cfg.ingest)}),
+                      ("corpus",) if cfg.source is None else ()))
     ingest_key = steps[-1].key
     ingest = j("ingest")
     steps.append(Step("prior", "prior", ["train", "prior", ingest, j("prior"), "--config",
                                          _write_config(root, "prior", cfg.prior)],
-                      j("prior", "manifest.json"), h({"up": ingest_key, "cfg": h(cfg.prior)})))
+                      j("prior", "manifest.json"), h({"up": ingest_key, "cfg": h(cfg.prior)}),
+                      ("ingest",)))
     if subjects is None:
         return steps
     lik_cfg = _write_config(root, "likelihood", cfg.likelihood)
     kinds = _baseline_kinds(cfg)
     base_cfg = {k: _write_config(root, f"baseline-{k}", getattr(cfg, k)) for k in kinds}
-    fitted = [steps[-1].key]
+    fitted, fitted_names = [steps[-1].key], ["prior"]
     for s in subjects:
         steps.append(Step("likelihood", f"likelihood {s}",
                           ["train", "likelihood", ingest, j("likelihood", s), "--subject", s,
                            "--config", lik_cfg], j("likelihood", s, "manifest.json"),
-                          h({"up": ingest_key, "cfg": h(cfg.likelihood), "s": s})))
+                          h({"up": ingest_key, "cfg": h(cfg.likelihood), "s": s}), ("ingest",)))
         fitted.append(steps[-1].key)
+        fitted_names.append(steps[-1].name)
         for k in kinds:
             steps.append(Step("baselines", f"baseline {k} {s}",
                               ["train", "baseline", ingest, j("baselines", s, k), "--subject", s,
                                "--kind", k, "--config", base_cfg[k]],
                               j("baselines", s, k, "manifest.json"),
-                              h({"up": ingest_key, "cfg": h(getattr(cfg, k)), "s": s})))
+                              h({"up": ingest_key, "cfg": h(getattr(cfg, k)), "s": s}),
+                              ("ingest",)))
             fitted.append(steps[-1].key)
+            fitted_names.append(steps[-1].name)
     argv = ["decode", ingest, "--prior", j("prior"), "--likelihood-root", j("likelihood"),
             *(["--baselines-root", j("baselines")] if kinds else []),
             "--split", cfg.decode_split, "--out", j("decoded.parquet"),
@@ -145,11 +152,13 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
         argv += ["--max-trials", str(cfg.max_decode_trials)]
     steps.append(Step("decode", "decode", argv, j("decoded.parquet"),
                       h({"up": fitted, "cfg": h(cfg.decode), "split": cfg.decode_split,
-                         "n": cfg.max_decode_trials, "s": list(subjects)})))
+                         "n": cfg.max_decode_trials, "s": list(subjects)}),
+                      tuple(fitted_names)))
     steps.append(Step("evaluate", "evaluate",
                       ["evaluate", j("decoded.parquet"), ingest, j("report"), "--config",
                        _write_config(root, "evaluate", cfg.evaluate)],
-                      j("report", "report.md"), h({"up": steps[-1].key, "cfg": h(cfg.evaluate)})))
+                      j("report", "report.md"), h({"up": steps[-1].key, "cfg": h(cfg.evaluate)}),
+                      ("decode",)))
     return steps
 
 
@@ -174,17 +183,17 @@ def run(cfg: PipelineConfig, root: str, *, force: Sequence[str] = (),
     if main is None:
         from ssip.cli import main
     state = _load_state(root)
-    rerun = False
+    ran: set[str] = set()  # steps run in this call: what reads their outputs runs again
     start = time.perf_counter()
 
     def execute(steps: list[Step]) -> None:
-        nonlocal rerun
         for step in steps:
-            if step.name in state.get("done", {}) and not rerun and step.stage not in force \
-                    and state["done"][step.name] == step.key and storage.exists(step.marker):
+            if step.name in state.get("done", {}) and not ran.intersection(step.deps) \
+                    and step.stage not in force and state["done"][step.name] == step.key \
+                    and storage.exists(step.marker):
                 echo(f"[pipeline] {step.name}: done (skip; --force {step.stage} to redo)")
                 continue
-            rerun = True
+            ran.add(step.name)
             echo(f"[pipeline] {step.name}: $ ssip {' '.join(step.argv)}", flush=True)
             t0 = time.perf_counter()
             code = main(list(step.argv))

@@ -88,10 +88,18 @@ def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
     assert fake.names() == ["decode", "evaluate"]
 
     fake.calls.clear()
-    cfg.prior.total_samples = 1000  # the prior and everything after it
+    cfg.prior.total_samples = 1000  # the prior and what reads it, not the per-subject models
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
-    assert fake.names()[0] == "train prior" and fake.names()[-2:] == ["decode", "evaluate"]
-    assert "ingest" not in fake.names()
+    assert fake.names() == ["train prior", "decode", "evaluate"]
+
+    fake.calls.clear()
+    run(cfg, root, force=["prior"], main=fake, echo=lambda *a, **k: None)  # same key, new output
+    assert fake.names() == ["train prior", "decode", "evaluate"]
+
+    fake.calls.clear()
+    cfg.likelihood.epochs = 7  # both subjects' likelihoods, then decode
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["train likelihood", "train likelihood", "decode", "evaluate"]
 
     fake.calls.clear()
     (tmp_path / "run" / "report" / "report.md").unlink()  # a lost output is made again
