@@ -81,8 +81,8 @@ class DecodeConfig:
                                         "default corpus), instead of weight")
     zeta: float | None = field(None, help="constant DPS step on the non-squared residual norm, "
                                           "instead of weight")
-    inflation: float = field(0.0, help="with weight: the score is scaled by "
-                                       "1 / (1 + inflation * sigma^2) (PiGDM-style)")
+    inflation: float = field(0.0, help="with weight: the score is scaled by 1 / (1 + inflation "
+                                       "* r^2), r^2 = sd^2 t^2 / (sd^2 + t^2) (PiGDM-style)")
     sigma_min: float = field(0.002, help="lowest noise level of the EDM schedule")
     sigma_max: float = field(80.0, help="highest noise level of the EDM schedule")
     rho: float = field(7.0, help="EDM schedule exponent")

@@ -758,11 +758,12 @@ def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig 
             cache_s = time.perf_counter() - t0
         val_y = [np.asarray(t["neural"], np.float32) for t in val]
 
-        def validate() -> dict[str, Any]:
+        def validate(noise_lags: int = 0) -> dict[str, Any]:
+            # The noise's long-run factor is needed once, for sigma: not on every epoch.
             if cached:
                 return _metrics(_predict_cached(model, val_feats, cfg.batch_size), val_y,
-                                cfg.noise_lags)
-            return evaluate_likelihood(model, val, cfg.batch_size, cfg.noise_lags)
+                                noise_lags)
+            return evaluate_likelihood(model, val, cfg.batch_size, noise_lags)
 
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -812,7 +813,7 @@ def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig 
 
     model.load_state_dict(best_state, strict=False)
     model.eval()
-    m = validate()
+    m = validate(cfg.noise_lags)
     vif = m["vif"]
     sigma = np.maximum(m["rms"] * np.sqrt(vif), cfg.sigma_min)
     model.sigma.copy_(torch.from_numpy(sigma).to(model.sigma))
