@@ -85,3 +85,64 @@ def quarantine_table(rows: list[dict]) -> pa.Table:
         else:
             cols[name] = pa.array([str(r.get(name, "") or "") for r in rows], tp)
     return pa.table(cols)
+
+
+# --- Speech corpora for the prior (ssip speech ingest) -------------------------------------------
+#
+# Layout under a speech root (local path or s3:// URI)::
+#
+#     ROOT/card.json                        corpus card, written LAST; lists every shard
+#     ROOT/shards/<group>.parquet           one row per utterance (SPEECH_COLUMNS)
+#     ROOT/quarantine/<group>.parquet       one row per rejected file (SPEECH_QUARANTINE_COLUMNS)
+
+SPEECH_SCHEMA_VERSION = "ssip-speech-v1"
+
+#: column -> (arrow type or "tensor", description).
+SPEECH_COLUMNS: dict[str, tuple[object, str]] = {
+    "schema_version": (pa.string(), "SPEECH_SCHEMA_VERSION of the writer"),
+    "utt_id": (pa.string(), "unique utterance id: '<source>/<path relative to the corpus root, "
+                            "without extension>' unless the manifest gives one"),
+    "source": (pa.string(), "corpus name (e.g. 'librispeech', 'asterisk-fr')"),
+    "speaker": (pa.string(), "speaker id, prefixed by the source ('<source>:<speaker>')"),
+    "language": (pa.string(), "BCP-47 language tag, '' if unknown"),
+    "transcript": (pa.string(), "what is said, '' if unknown"),
+    "license": (pa.string(), "licence as given by the corpus, '' if unknown"),
+    "source_file": (pa.string(), "audio file the utterance was read from"),
+    "source_rate": (pa.int32(), "sampling rate of the file before resampling to 16 kHz, Hz"),
+    "duration_s": (pa.float32(), "length of the 16 kHz audio, s"),
+    "n_frames": (pa.int32(), "mel frames T"),
+    "mel": ("tensor", "(80, T) float32 ssip log-mel of the loudness-normalised 16 kHz audio"),
+    "mel_version": (pa.string(), "ssip.mel.MEL_VERSION"),
+}
+
+SPEECH_QUARANTINE_COLUMNS: dict[str, pa.DataType] = {
+    "schema_version": pa.string(),
+    "source": pa.string(),
+    "source_file": pa.string(),
+    "utt_id": pa.string(),
+    "reason_class": pa.string(),  # unreadable | silent | clipped | too_short | too_long | manifest
+    "reason": pa.string(),
+}
+
+
+def speech_table(rows: list[dict]) -> pa.Table:
+    """Build a speech shard from row dicts with every key of SPEECH_COLUMNS (schema_version optional)."""
+    cols = {}
+    for name, (tp, _) in SPEECH_COLUMNS.items():
+        if name == "schema_version":
+            cols[name] = pa.array([SPEECH_SCHEMA_VERSION] * len(rows), pa.string())
+        elif tp == "tensor":
+            cols[name] = tensor_column([r[name] for r in rows])
+        else:
+            cols[name] = pa.array([r[name] for r in rows], type=tp)
+    return pa.table(cols)
+
+
+def speech_quarantine_table(rows: list[dict]) -> pa.Table:
+    cols = {}
+    for name, tp in SPEECH_QUARANTINE_COLUMNS.items():
+        if name == "schema_version":
+            cols[name] = pa.array([SPEECH_SCHEMA_VERSION] * len(rows), tp)
+        else:
+            cols[name] = pa.array([str(r.get(name, "") or "") for r in rows], tp)
+    return pa.table(cols)
