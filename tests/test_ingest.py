@@ -34,6 +34,7 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     # A high SNR so that the round trip measures the pipeline, not the simulated noise floor.
     cfg = CorpusConfig(n_subjects=2, electrodes_min=32, electrodes_max=36, max_utterances=24, seed=3,
+                       extra_voices=[],
                        snr_db=10.0)
     build_corpus(cfg, out, progress=False)
     return out

@@ -255,3 +255,21 @@ def test_prior_checkpoint_round_trip(tmp_path):
     save_checkpoint(str(other), {"w": torch.zeros(1)}, {"kind": "baseline-nn"})
     with pytest.raises(CheckpointError, match="'kind' is 'baseline-nn'"):
         load_prior(str(other))
+
+
+def test_source_probabilities_closed_form():
+    from ssip.models.prior import random_windows, source_probabilities
+
+    lengths, sources = [100, 300, 50, 50], ["a", "a", "b", "c"]
+    # No weights: every frame equally likely.
+    np.testing.assert_allclose(source_probabilities(lengths, sources, None), np.array(lengths) / 500)
+    # a: 0.6 shared 1:3 by length; b: 0.4; c present but unweighted: 0.
+    p = source_probabilities(lengths, sources, {"a": 3.0, "b": 2.0, "missing": 5.0})
+    np.testing.assert_allclose(p, [0.15, 0.45, 0.4, 0.0])
+    with pytest.raises(ValueError, match="no weight to any source present"):
+        source_probabilities(lengths, sources, {"missing": 1.0})
+    # Windows follow the probabilities: mels tagged by a constant value.
+    mels = [np.full((80, n), float(i), np.float32) for i, n in enumerate(lengths)]
+    w = random_windows(mels, 16, 4000, np.random.default_rng(0), p=p)
+    share = np.bincount(w[:, 0, 8].astype(int), minlength=4) / 4000
+    np.testing.assert_allclose(share, p, atol=0.03)

@@ -19,7 +19,7 @@ from ssip.data.formats import read_ground_truth
 from ssip.data.simulate import CorpusConfig, EncodingModel, build_corpus
 from ssip.data.speech import Utterance, read_pocketsphinx
 
-TINY = dict(n_subjects=2, electrodes_min=32, electrodes_max=40, source="pocketsphinx",
+TINY = dict(n_subjects=2, electrodes_min=32, electrodes_max=40, source="pocketsphinx", extra_voices=[],
             max_utterances=8, n_tasks=2)
 
 
@@ -280,3 +280,19 @@ def test_config_validation(override, match):
 def test_too_few_prompts_for_tasks(utterances):
     with pytest.raises(ConfigError, match="subject sim01 has 2 prompt"):
         simulate.simulate_subject(utterances[:2], CorpusConfig(**{**TINY, "n_tasks": 3}), 0)
+
+
+def test_extra_voice_subject(tmp_path, utterances):
+    """An extra subject speaks a Debian voice of its own (the cross-speaker subject)."""
+    cfg = CorpusConfig(**{**TINY, "n_subjects": 1, "extra_voices": ["asterisk-fr"],
+                          "extra_voice_utterances": 4, "formats": ["nwb"]})
+    card = build_corpus(cfg, tmp_path, utterances=utterances[:4], progress=False)
+    assert [s["subject"] for s in card["subjects"]] == ["sim01", "sim02"]
+    assert card["subjects"][0]["voice"] != ["asterisk:june"]
+    assert card["subjects"][1]["voice"] == ["asterisk:june"]
+    assert card["subjects"][1]["language"] == ["fr-CA"]
+    events = _tsv(str(_bids(tmp_path, "sim02")) + "_events.tsv")
+    ids = [e["utt_id"] for e in events if e["trial_type"] == "word"]
+    assert ids == [u.utt_id for u in simulate.extra_voice_utterances("asterisk-fr", 4, cfg.seed)]
+    assert all(i.startswith("asterisk-fr/") for i in ids)
+    assert len(_tsv(tmp_path / "bids" / "participants.tsv")) == 2

@@ -109,3 +109,47 @@ def test_read_source_rejects_unknown():
     with pytest.raises(ValueError, match="'librispeech' is unknown"):
         speech.read_source("librispeech")
     assert len(speech.read_source("pocketsphinx", limit=3)) == 3
+
+
+# Prompt counts of every Debian voice as packaged (asterisk-core-sounds 1.6.1, the prompt
+# packages of Debian 12), after dropping tones, beeps and silence.
+VOICE_COUNTS = {"asterisk-en": 553, "asterisk-es": 477, "asterisk-fr": 509, "asterisk-it": 580,
+                "asterisk-ru": 556, "prompt-it-menardi": 540, "prompt-es-co": 285,
+                "prompt-fr-armelle": 327}
+
+
+def test_every_debian_voice_is_there_and_speech():
+    assert set(speech.DEBIAN_VOICES) == set(VOICE_COUNTS)
+    for name, v in speech.DEBIAN_VOICES.items():
+        prompts = speech.voice_prompts(name)
+        assert len(prompts) == VOICE_COUNTS[name], name
+        assert all(uid.startswith(f"{name}/") for uid, _, _ in prompts)
+        names = {uid.split("/", 1)[1] for uid, _, _ in prompts}
+        assert not names & {"beep", "tt-monkeys"} and not any(n.startswith("silence/") for n in names)
+        assert all(bool(text) == (v.transcripts is not None) for _, _, text in prompts)
+    # The BOM at the top of the Italian transcripts is not part of a name.
+    it = {uid: text for uid, _, text in speech.voice_prompts("asterisk-it")}
+    assert it["asterisk-it/activated"] == "Attivato."
+    assert not any("\ufeff" in uid for uid in it)
+
+
+@pytest.mark.parametrize("name", ["asterisk-fr", "prompt-es-co"])
+def test_read_voice_decodes_g722_and_gsm(name):
+    v = speech.DEBIAN_VOICES[name]
+    utts = speech.read_voice(name, limit=2)
+    assert [u.utt_id for u in utts] == [p[0] for p in speech.voice_prompts(name)[:2]]
+    for u, (_, path, _) in zip(utts, speech.voice_prompts(name)[:2], strict=True):
+        assert u.speaker == v.speaker and u.language == v.language and u.license == v.license
+        size = os.path.getsize(path)
+        # G.722: 1 byte = 2 samples at 16 kHz; GSM 06.10: 33-byte frames of 160 samples at 8 kHz.
+        seconds = size * 2 / 16000 if v.ext == "g722" else size / 33 * 0.02
+        assert u.duration == pytest.approx(seconds, abs=0.03)
+        assert 0.01 < float(np.sqrt(np.mean(u.audio ** 2))) < 0.5
+    assert speech.read_source(name if v.transcripts else "asterisk-fr", limit=1)
+
+
+def test_gsm_voice_carries_nothing_above_4khz():
+    audio = np.concatenate([u.audio for u in speech.read_voice("prompt-fr-armelle", limit=3)])
+    spec = np.abs(np.fft.rfft(audio)) ** 2
+    freqs = np.fft.rfftfreq(len(audio), 1 / 16000)
+    assert spec[freqs > 4200].sum() / spec.sum() < 1e-3

@@ -20,8 +20,10 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train the prior, a subject's likelihood or a baseline")
     kinds = p.add_subparsers(dest="model", required=True)
 
-    q = kinds.add_parser("prior", help="EDM mel prior on the train-split mels of all subjects")
-    q.add_argument("ingest", help="ingest root (local or s3://)")
+    q = kinds.add_parser("prior", help="EDM mel prior on a speech corpus (or on the train-split "
+                                       "mels of all subjects of an ingest root)")
+    q.add_argument("ingest", metavar="DATA", help="speech corpus root (card.json, from `ssip "
+                   "speech ingest`) or ingest root (manifest.json); local or s3://")
     q.add_argument("out", help="checkpoint folder to write")
     add_config_args(q)
     q.set_defaults(func=_train_prior)
@@ -52,15 +54,45 @@ def _subject_trials(ingest: str, subject: str) -> list[dict]:
     return trials
 
 
+def prior_training_mels(data: str) -> tuple[list, list[str], dict]:
+    """Training mels of the prior, their sources, and a description of the data.
+
+    ``data`` is a speech corpus root (``card.json``, from ``ssip speech ingest``: every
+    utterance) or an ingest root (``manifest.json``: the train-split trials of every subject).
+    """
+    import numpy as np
+
+    from ssip import storage
+    from ssip.data.dataset import load_trials
+
+    if storage.exists(storage.join(data, "card.json")):
+        from ssip.data.speech_corpus import load_speech
+
+        rows = load_speech(data, columns=["utt_id", "source", "speaker", "mel"])
+        if not rows:
+            raise ValueError(f"ssip train prior: the speech corpus {data} has no utterances")
+        sources = [r["source"] for r in rows]
+        info = {"kind": "speech", "root": data, "n_utterances": len(rows),
+                "n_speakers": len({r["speaker"] for r in rows}),
+                "per_source": {s: sources.count(s) for s in sorted(set(sources))}}
+        return [np.asarray(r["mel"], np.float32) for r in rows], sources, info
+    trials = load_trials(data, split="train", columns=["schema_version", "subject", "trial_id", "mel"])
+    if not trials:
+        raise ValueError(f"ssip train prior: no train-split trials under {data} (and no speech "
+                         f"corpus card.json there)")
+    info = {"kind": "trials", "root": data, "n_utterances": len(trials), "split": "train"}
+    return [np.asarray(t["mel"], np.float32) for t in trials], ["trials"] * len(trials), info
+
+
 def _train_prior(args) -> int:
     import numpy as np
 
-    from ssip.data.dataset import load_trials
     from ssip.models.prior import (
         EDMPrior,
         PriorConfig,
         estimate_data_stats,
         save_prior,
+        source_probabilities,
         train_prior,
         window_batches,
     )
@@ -68,17 +100,15 @@ def _train_prior(args) -> int:
     cfg = resolve_and_print(PriorConfig, args)
     if cfg is None:
         return 0
-    trials = load_trials(args.ingest, split="train", columns=["schema_version", "subject",
-                                                              "trial_id", "mel"])
-    if not trials:
-        raise ValueError(f"ssip train prior: no train-split trials under {args.ingest}")
-    mels = [np.asarray(t["mel"], np.float32) for t in trials]
+    mels, sources, info = prior_training_mels(args.ingest)
+    p = source_probabilities([m.shape[1] for m in mels], sources, cfg.source_weights or None)
     mean, sigma_data = estimate_data_stats(mels)
     model = EDMPrior(cfg.preset, sigma_data=sigma_data, data_mean=mean)
     rng = np.random.default_rng(cfg.seed)
-    stats = train_prior(model, window_batches(mels, cfg.window_frames, cfg.batch_size, rng), cfg)
+    stats = train_prior(model, window_batches(mels, cfg.window_frames, cfg.batch_size, rng, p=p), cfg)
+    stats["data"] = info
     save_prior(args.out, model, cfg, ema=stats["ema"], stats=stats)
-    print(f"prior: {stats['samples_seen']} windows from {len(mels)} train trial(s), loss "
+    print(f"prior: {stats['samples_seen']} windows from {len(mels)} {info['kind']} mel(s), loss "
           f"{stats['loss']:.4f}, {stats['samples_per_s']:.1f} samples/s -> {args.out}")
     return 0
 

@@ -96,7 +96,8 @@ _STREAM_DEAL, _STREAM_SUBJECT, _STREAM_ELECTRODE = 0, 1, 2
 class CorpusConfig:
     """How the embedded simulated corpus is built (``ssip corpus build``)."""
 
-    n_subjects: int = field(4, help="simulated subjects; every prompt is spoken by exactly one")
+    n_subjects: int = field(4, help="simulated subjects speaking `source`; every prompt is "
+                                    "spoken by exactly one (extra_voices add more)")
     electrodes_min: int = field(32, help="fewest electrodes a subject can have")
     electrodes_max: int = field(128, help="most electrodes a subject can have (drawn uniformly)")
     snr_db: float = field(-6.0, help="speech-driven over background 70-170 Hz power, dB, "
@@ -114,6 +115,12 @@ class CorpusConfig:
                                          "| pocketsphinx (12 prompts, 40 s)")
     max_utterances: int | None = field(None, help="use only the first N prompts in id order "
                                                   "(None = all)")
+    extra_voices: list[str] = field(
+        default_factory=lambda: ["asterisk-fr"],
+        help="one more subject per Debian voice, speaking that voice's prompts; the default "
+             "prior corpus never hears asterisk-fr (June): the cross-speaker subject")
+    extra_voice_utterances: int = field(138, help="prompts each extra-voice subject speaks "
+                                                  "(drawn by seed; 138 = 553 / 4)")
     formats: list[str] = field(default_factory=lambda: ["nwb", "flinker"],
                                help="layouts to write: nwb (iBIDS) and/or flinker (HDF5)")
     n_tasks: int = field(5, help="contiguous task blocks per subject (Flinker TestNum_cum)")
@@ -140,7 +147,12 @@ class CorpusConfig:
         check_range("lead_ms_max", self.lead_ms_max, self.lead_ms_min, 1000.0)
         check_range("gap_s_min", self.gap_s_min, 0.1, 60.0)
         check_range("gap_s_max", self.gap_s_max, self.gap_s_min, 60.0)
-        check_option("source", self.source, ["asterisk", "pocketsphinx"])
+        from ssip.data.speech import SPEECH_SOURCES
+
+        check_option("source", self.source, SPEECH_SOURCES)
+        for i, v in enumerate(self.extra_voices):
+            check_option(f"extra_voices[{i}]", v, [s for s in SPEECH_SOURCES if s.startswith("asterisk-")])
+        check_range("extra_voice_utterances", self.extra_voice_utterances, 1, None)
         if self.max_utterances is not None:
             check_range("max_utterances", self.max_utterances, 1, None)
         if not self.formats:
@@ -508,6 +520,17 @@ def simulate_subject(
     )
 
 
+def extra_voice_utterances(voice: str, n: int, seed: int, k: int = 0) -> list[Utterance]:
+    """``n`` prompts of a Debian voice for an extra subject, drawn by ``seed`` (spoken order)."""
+    from ssip.data.speech import read_voice, voice_prompts
+
+    ids = [uid for uid, _, _ in voice_prompts(voice)]
+    rng = np.random.default_rng([seed, _STREAM_DEAL, 1, k])
+    chosen = [ids[i] for i in rng.permutation(len(ids))[: min(n, len(ids))]]
+    by_id = {u.utt_id: u for u in read_voice(voice, only=chosen)}
+    return [by_id[i] for i in chosen]
+
+
 def prompt_mel(u: Utterance) -> np.ndarray:
     """ssip mel of a loudness-normalised prompt, shape (80, len(audio) // 160), float32."""
     return melmod.log_mel(melmod.normalize_loudness(u.audio)).numpy().astype(np.float32)
@@ -547,12 +570,17 @@ def build_corpus(
     else:
         utterances = sorted(utterances, key=lambda u: u.utt_id)[: cfg.max_utterances]
     dealt = deal_utterances(utterances, cfg.n_subjects, cfg.seed)
+    for k, voice in enumerate(cfg.extra_voices):
+        extra = extra_voice_utterances(voice, cfg.extra_voice_utterances, cfg.seed, k)
+        dealt.append(extra)
+        utterances = utterances + extra
     mels = {u.utt_id: prompt_mel(u) for u in utterances}
+    n_total = len(dealt)
 
     subjects = []
     if "nwb" in cfg.formats:
-        formats.write_bids_dataset(out / "bids", cfg.n_subjects, config_hash(cfg))
-    for index in tqdm(range(cfg.n_subjects), desc="corpus subjects", disable=not progress):
+        formats.write_bids_dataset(out / "bids", n_total, config_hash(cfg))
+    for index in tqdm(range(n_total), desc="corpus subjects", disable=not progress):
         sim = simulate_subject(dealt[index], cfg, index, mels)
         files = formats.write_ground_truth(sim, out / "ground_truth")
         if "nwb" in cfg.formats:
@@ -566,6 +594,8 @@ def build_corpus(
             "n_bad": int(sim.bad.sum()),
             "n_unresponsive": int(sim.unresponsive.sum()),
             "n_trials": len(sim.trials),
+            "voice": sorted({u.speaker for u in dealt[index]}),
+            "language": sorted({u.language for u in dealt[index]}),
             "duration_s": round(sim.duration_s, 3),
             "speech_s": round(sum(t.duration_s for t in sim.trials), 3),
             "files": sorted(str(Path(f).relative_to(out)) for f in files),

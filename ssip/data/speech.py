@@ -15,6 +15,7 @@ same order, which the simulated corpus relies on to deal prompts to subjects.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 import subprocess
@@ -29,9 +30,83 @@ import numpy as np
 from ssip.mel import SAMPLE_RATE
 
 #: Debian package locations (documented defaults; override for other systems).
-ASTERISK_SOUNDS_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+ASTERISK_ROOT = Path("/usr/share/asterisk/sounds")
+ASTERISK_SOUNDS_DIR = ASTERISK_ROOT / "en_US_f_Allison"
 ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 POCKETSPHINX_ROOT = Path("/usr/share/pocketsphinx/test/data")
+
+
+def debian_unpack_root() -> Path:
+    """Where scripts/system_deps.sh unpacks the voice packages that conflict with the core sounds.
+
+    ``$SSIP_DEBIAN_SPEECH``, else ``$XDG_CACHE_HOME/ssip/debian-speech`` (``~/.cache/...``).
+    """
+    env = os.environ.get("SSIP_DEBIAN_SPEECH")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssip" / "debian-speech"
+
+
+@dataclass(frozen=True)
+class DebianVoice:
+    """One speaker's prompt set in a Debian package (DESIGN.md section 5).
+
+    ``sounds_dir`` is absolute, or relative to :func:`debian_unpack_root` for the packages that
+    system_deps.sh unpacks instead of installing. ``transcripts`` is None for packages that ship
+    none (their prompts are still speech: the prior needs no words).
+    """
+
+    source: str
+    speaker: str
+    language: str
+    license: str
+    package: str
+    sounds_dir: str
+    ext: str  # "g722" (16 kHz) or "gsm" (8 kHz)
+    transcripts: str | None = None
+    note: str = ""
+
+    def directory(self) -> Path:
+        d = Path(self.sounds_dir)
+        return d if d.is_absolute() else debian_unpack_root() / d
+
+    @property
+    def sample_rate(self) -> int:
+        return 8000 if self.ext == "gsm" else SAMPLE_RATE
+
+
+_DOC = "/usr/share/doc"
+#: Every Debian speech voice ssip knows, by source name. The core sounds (16 kHz G.722 with
+#: transcripts) are Digium's asterisk-core-sounds 1.6.1; the asterisk-prompt-* voices are older
+#: 8 kHz GSM prompt sets without transcripts.
+DEBIAN_VOICES: dict[str, DebianVoice] = {v.source: v for v in [
+    DebianVoice("asterisk-en", "asterisk:allison", "en-US", "CC-BY-SA-3.0",
+                "asterisk-core-sounds-en-g722", str(ASTERISK_ROOT / "en_US_f_Allison"), "g722",
+                f"{_DOC}/asterisk-core-sounds-en/core-sounds-en.txt.gz", "Allison Smith"),
+    DebianVoice("asterisk-es", "asterisk:allison", "es-MX", "CC-BY-SA-3.0",
+                "asterisk-core-sounds-es-g722", str(ASTERISK_ROOT / "es_MX_f_Allison"), "g722",
+                f"{_DOC}/asterisk-core-sounds-es/core-sounds-es.txt.gz",
+                "Allison Smith, the English voice, speaking Spanish"),
+    DebianVoice("asterisk-fr", "asterisk:june", "fr-CA", "CC-BY-SA-3.0",
+                "asterisk-core-sounds-fr-g722", str(ASTERISK_ROOT / "fr_CA_f_June"), "g722",
+                f"{_DOC}/asterisk-core-sounds-fr/core-sounds-fr.txt.gz", "June Wallack"),
+    DebianVoice("asterisk-it", "asterisk:carlo", "it-IT", "CC-BY-SA-3.0",
+                "asterisk-core-sounds-it-g722", str(ASTERISK_ROOT / "it_IT_m_Carlo"), "g722",
+                f"{_DOC}/asterisk-core-sounds-it/core-sounds-it.txt.gz", "Carlo, male"),
+    DebianVoice("asterisk-ru", "asterisk:ivrvoiceru", "ru-RU", "CC-BY-SA-3.0",
+                "asterisk-core-sounds-ru-g722", str(ASTERISK_ROOT / "ru_RU_f_IvrvoiceRU"), "g722",
+                f"{_DOC}/asterisk-core-sounds-ru/core-sounds-ru.txt.gz", "IvrvoiceRU, female"),
+    DebianVoice("prompt-it-menardi", "asterisk-prompt:menardi", "it-IT", "CC-BY-SA-3.0",
+                "asterisk-prompt-it-menardi", str(ASTERISK_ROOT / "it_IT_f_Menardi"), "gsm",
+                None, "Menardi prompts, female, 8 kHz GSM"),
+    DebianVoice("prompt-es-co", "asterisk-prompt:es-co", "es-CO", "GPL-2.0-or-later",
+                "asterisk-prompt-es-co", "asterisk-prompt-es-co/usr/share/asterisk/sounds", "gsm",
+                None, "Colombian Spanish, 8 kHz GSM"),
+    DebianVoice("prompt-fr-armelle", "asterisk-prompt:armelle", "fr-FR",
+                "BSD-style (Michel Gutierrez 2006, see the package's copyright)",
+                "asterisk-prompt-fr-armelle", "asterisk-prompt-fr-armelle/usr/share/asterisk/sounds",
+                "gsm", None, "Armelle Desjardins, 8 kHz GSM"),
+]}
 
 ASTERISK_SPEAKER = "asterisk-en-allison"
 ASTERISK_LICENSE = "CC-BY-SA-3.0"
@@ -103,7 +178,7 @@ def read_asterisk_transcripts(transcripts: str | Path = ASTERISK_TRANSCRIPTS) ->
         )
     opener = gzip.open if path.suffix == ".gz" else open
     out: dict[str, str] = {}
-    with opener(path, "rt", encoding="utf-8") as fh:
+    with opener(path, "rt", encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line or line.startswith(";"):
@@ -118,34 +193,83 @@ def read_asterisk_transcripts(transcripts: str | Path = ASTERISK_TRANSCRIPTS) ->
 def asterisk_prompts(
     sounds_dir: str | Path = ASTERISK_SOUNDS_DIR,
     transcripts: str | Path = ASTERISK_TRANSCRIPTS,
+    *,
+    source: str = "asterisk-en",
+    ext: str = "g722",
 ) -> list[tuple[str, Path, str]]:
     """The speech prompts of the asterisk sounds, without decoding any audio.
 
-    A prompt is kept when it has both a ``.g722`` file and a transcript line, and its transcript
+    A prompt is kept when it has both a ``.<ext>`` file and a transcript line, and its transcript
     still has words once sound annotations in ``[...]`` or ``(...)`` are removed. That rule drops
     the tones and beeps (``beep: [this is a simple beep tone]``), ``tt-monkeys`` and the
     ``silence/N`` files (``(10 seconds of silence)``), and keeps prompts whose names merely
-    mention a tone (``at-tone-time-exactly`` is speech). 553 of 568 files remain.
+    mention a tone (``at-tone-time-exactly`` is speech). 553 of 568 English files remain.
 
     Returns
     -------
-    list of (utt_id, path, transcript), sorted by utt_id.
+    list of (utt_id, path, transcript), sorted by utt_id; ``utt_id = "<source>/<name>"``.
     """
     root = Path(sounds_dir)
     if not root.is_dir():
         raise FileNotFoundError(
             f"asterisk sounds directory {root} not found; install the Debian package "
-            "asterisk-core-sounds-en-g722 or pass sounds_dir=<folder with the .g722 files>"
+            "asterisk-core-sounds-en-g722 (scripts/system_deps.sh installs every voice) or pass "
+            "sounds_dir=<folder with the prompt files>"
         )
     texts = read_asterisk_transcripts(transcripts)
     prompts = []
-    for path in root.rglob("*.g722"):
+    for path in root.rglob(f"*.{ext}"):
         name = path.relative_to(root).with_suffix("").as_posix()
         text = clean_transcript(texts.get(name, ""))
         if text:
-            prompts.append((f"asterisk-en/{name}", path, text))
+            prompts.append((f"{source}/{name}", path, text))
     if not prompts:
-        raise FileNotFoundError(f"no .g722 prompt in {root} has a transcript in {transcripts}")
+        raise FileNotFoundError(f"no .{ext} prompt in {root} has a transcript in {transcripts}")
+    return sorted(prompts)
+
+
+def _non_speech_names() -> set[str]:
+    # Prompt names that are tones, beeps or silence in every language: their English transcript
+    # is only a sound annotation ("beep: [this is a simple beep tone]").
+    names = {"beep", "beeperr", "tt-monkeys"}
+    if ASTERISK_TRANSCRIPTS.exists():
+        names |= {n for n, t in read_asterisk_transcripts(ASTERISK_TRANSCRIPTS).items()
+                  if not clean_transcript(t)}
+    return names
+
+
+def voice_prompts(voice: str | DebianVoice) -> list[tuple[str, Path, str]]:
+    """The speech prompts of one Debian voice (:data:`DEBIAN_VOICES`), without decoding audio.
+
+    Voices with transcripts follow :func:`asterisk_prompts`, less the names that are tones in
+    the English set (a translation may describe the tone in words). Voices without (the 8 kHz
+    asterisk-prompt-* sets) keep every ``.gsm`` file except ``silence/*`` and the names that are
+    tones in the English set; their transcript is ``""``.
+
+    Returns
+    -------
+    list of (utt_id, path, transcript), sorted by utt_id.
+    """
+    v = DEBIAN_VOICES[voice] if isinstance(voice, str) else voice
+    root = v.directory()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"speech voice {v.source}: folder {root} not found; run scripts/system_deps.sh "
+            f"(it installs or unpacks the Debian package {v.package})"
+        )
+    skip = _non_speech_names()
+    if v.transcripts is not None:
+        # Some translations describe the tone in words ("beep: un suono beep").
+        return [p for p in asterisk_prompts(root, v.transcripts, source=v.source, ext=v.ext)
+                if p[0].split("/", 1)[1] not in skip]
+    prompts = []
+    for path in root.rglob(f"*.{v.ext}"):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        if name.startswith("silence/") or name in skip:
+            continue
+        prompts.append((f"{v.source}/{name}", path, ""))
+    if not prompts:
+        raise FileNotFoundError(f"speech voice {v.source}: no .{v.ext} file under {root}")
     return sorted(prompts)
 
 
@@ -156,12 +280,24 @@ def decode_g722(path: str | Path) -> np.ndarray:
     -------
     ndarray, shape (n_samples,), float32
     """
+    return decode_raw_codec(path, "g722")
+
+
+def decode_raw_codec(path: str | Path, codec: str) -> np.ndarray:
+    """Decode a headerless telephony file (``g722`` or ``gsm``) to float32 16 kHz mono.
+
+    ffmpeg cannot probe these raw formats, so the demuxer is named (``-f gsm -ar 8000`` for GSM,
+    an 8 kHz codec; ffmpeg's resampler brings both to 16 kHz).
+    """
+    fmt = {"g722": ["-f", "g722"], "gsm": ["-f", "gsm", "-ar", "8000"]}.get(codec)
+    if fmt is None:
+        raise ValueError(f"{path}: raw codec {codec!r} is not g722 or gsm")
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise FileNotFoundError(
             f"ffmpeg is needed to decode {path}; install the Debian package ffmpeg"
         )
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "g722", "-i",
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *fmt, "-i",
            str(path), "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
@@ -171,7 +307,7 @@ def decode_g722(path: str | Path) -> np.ndarray:
         )
     audio = np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
     if audio.size == 0:
-        raise RuntimeError(f"ffmpeg decoded no samples from {path}; is it a G.722 file?")
+        raise RuntimeError(f"ffmpeg decoded no samples from {path}; is it a {codec} file?")
     return audio
 
 
@@ -208,6 +344,30 @@ def read_asterisk(
     return [
         Utterance(utt_id=uid, audio=audio, transcript=text, speaker=ASTERISK_SPEAKER,
                   source="asterisk-en", license=ASTERISK_LICENSE)
+        for (uid, _, text), audio in zip(prompts, audios, strict=True)
+    ]
+
+
+def read_voice(voice: str, limit: int | None = None, max_workers: int = 4,
+               only: Iterable[str] | None = None) -> list[Utterance]:
+    """Read a Debian voice (:data:`DEBIAN_VOICES`) as utterances, sorted by ``utt_id``.
+
+    ``only`` (utterance ids) decodes just those prompts.
+    """
+    v = DEBIAN_VOICES[voice]
+    prompts = voice_prompts(v)
+    if only is not None:
+        wanted = set(only)
+        prompts = [p for p in prompts if p[0] in wanted]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1 or None")
+        prompts = prompts[:limit]
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        audios = list(pool.map(lambda p: decode_raw_codec(p, v.ext), [p for _, p, _ in prompts]))
+    return [
+        Utterance(utt_id=uid, audio=audio, transcript=text, speaker=v.speaker, source=v.source,
+                  language=v.language, license=v.license)
         for (uid, _, text), audio in zip(prompts, audios, strict=True)
     ]
 
@@ -306,7 +466,9 @@ def read_source(source: str, limit: int | None = None) -> list[Utterance]:
 
     Parameters
     ----------
-    source : {"asterisk", "pocketsphinx"}
+    source : str
+        ``"asterisk"`` (the English prompts, as ``"asterisk-en"``), a key of
+        :data:`DEBIAN_VOICES` with transcripts (``"asterisk-fr"``, ...), or ``"pocketsphinx"``.
     limit : int or None
         First ``limit`` utterances in id order.
     """
@@ -315,7 +477,14 @@ def read_source(source: str, limit: int | None = None) -> list[Utterance]:
     if source == "pocketsphinx":
         utts = read_pocketsphinx()
         return utts if limit is None else utts[:limit]
-    raise ValueError(f"speech source {source!r} is unknown; choose 'asterisk' or 'pocketsphinx'")
+    if source in DEBIAN_VOICES and DEBIAN_VOICES[source].transcripts is not None:
+        return read_voice(source, limit=limit)
+    raise ValueError(f"speech source {source!r} is unknown; choose one of {SPEECH_SOURCES}")
+
+
+#: Sources :func:`read_source` reads (each utterance with its transcript).
+SPEECH_SOURCES = ["asterisk", "pocketsphinx"] + [k for k, v in DEBIAN_VOICES.items()
+                                                if v.transcripts is not None]
 
 
 def total_duration(utterances: Iterable[Utterance]) -> float:

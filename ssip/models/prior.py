@@ -424,13 +424,45 @@ def estimate_data_stats(mels: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
     return mean.astype(np.float32), sigma_data
 
 
+def source_probabilities(lengths: Sequence[int], sources: Sequence[str],
+                         weights: dict[str, float] | None) -> np.ndarray:
+    """Probability of drawing each mel: ``weights[source]`` shared within a source by length.
+
+    With no weights every frame of the corpus is equally likely (probability proportional to
+    length). With weights, source ``s`` gets ``weights[s] / sum of the weights of the sources
+    present`` of the windows; a source present but missing from ``weights`` gets none.
+
+    Returns
+    -------
+    ndarray, shape (len(lengths),), float64, sums to 1.
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if not weights:
+        return lengths / lengths.sum()
+    if len(sources) != len(lengths):
+        raise ValueError(f"source_probabilities: {len(sources)} sources for {len(lengths)} mels")
+    src = np.asarray(sources)
+    present = sorted(set(sources))
+    total = sum(float(weights.get(s, 0.0)) for s in present)
+    if total <= 0:
+        raise ValueError(f"source weights {weights} give no weight to any source present "
+                         f"({present}); name at least one of them")
+    p = np.zeros_like(lengths)
+    for s in present:
+        mask = src == s
+        p[mask] = float(weights.get(s, 0.0)) / total * lengths[mask] / lengths[mask].sum()
+    return p
+
+
 def random_windows(
-    mels: Sequence[np.ndarray], window: int, n: int, rng: np.random.Generator
+    mels: Sequence[np.ndarray], window: int, n: int, rng: np.random.Generator,
+    p: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cut ``n`` random windows of ``window`` frames from a list of mels.
 
-    A mel is chosen with probability proportional to its length (so every frame of the corpus is
-    about equally likely), then a start frame uniformly. A mel shorter than ``window`` is placed
+    A mel is chosen with probability ``p`` (default: proportional to its length, so every frame
+    of the corpus is about equally likely; see :func:`source_probabilities`), then a start frame
+    uniformly. A mel shorter than ``window`` is placed
     at a random offset inside the window and the rest is filled with ``MEL_FLOOR`` (silence).
 
     Parameters
@@ -452,7 +484,7 @@ def random_windows(
         raise ValueError(f"random_windows: mel(s) {np.flatnonzero(lengths <= 0).tolist()} have no frames")
     n_mels = mels[0].shape[0]
     out = np.full((n, n_mels, window), MEL_FLOOR, dtype=np.float32)
-    which = rng.choice(len(mels), size=n, p=lengths / lengths.sum())
+    which = rng.choice(len(mels), size=n, p=lengths / lengths.sum() if p is None else p)
     for i, k in enumerate(which):
         m = mels[k]
         t = m.shape[1]
@@ -467,12 +499,12 @@ def random_windows(
 
 def window_batches(
     mels: Sequence[np.ndarray], window: int, batch_size: int, rng: np.random.Generator,
-    n_batches: int | None = None,
+    n_batches: int | None = None, p: np.ndarray | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless (or ``n_batches``) batches of random windows, as tensors (B, 1, 80, window)."""
     i = 0
     while n_batches is None or i < n_batches:
-        yield torch.from_numpy(random_windows(mels, window, batch_size, rng))[:, None]
+        yield torch.from_numpy(random_windows(mels, window, batch_size, rng, p))[:, None]
         i += 1
 
 
@@ -500,9 +532,15 @@ class PriorConfig:
     grad_clip: float = field(1.0, help="clip the gradient norm to this; 0 disables")
     log_every_samples: int = field(10_000, help="log the loss (per sigma quartile) this often")
     seed: int = field(0, help="seed of the noise/sigma generator and of window sampling")
+    source_weights: dict[str, float] = field(
+        default_factory=dict, help="share of training windows per speech source (a speech "
+        "corpus's 'source' column); empty = every frame equally likely")
 
     def __post_init__(self) -> None:
         check_option("preset", self.preset, PRESETS)
+        for k, w in self.source_weights.items():
+            if not (isinstance(w, int | float) and w >= 0):
+                raise ConfigError(f"source_weights[{k!r}]={w!r} must be a number >= 0")
         factor = downsampling_factor(PRESETS[self.preset]["channel_mult"], PRESETS[self.preset]["patch"])
         check_range("window_frames", self.window_frames, factor, None)
         if self.window_frames % factor:
@@ -730,6 +768,7 @@ def save_prior(directory: str, model: EDMPrior, cfg: PriorConfig, *, ema: EMA | 
         "weights": "ema" if ema is not None else "raw",
         "params": count_parameters(model),
         "train_stats": numbers,
+        "data": (stats or {}).get("data", {}),
     }
     state = {k: v for k, v in net.state_dict().items()}
     return save_checkpoint(directory, state, {"kind": "prior", "config": cfg, "extra": extra})

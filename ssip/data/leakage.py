@@ -1,0 +1,128 @@
+"""No leakage: the prior never trains on the audio of a trial that is evaluated.
+
+Two checks, because ids alone can lie (real datasets often have no utterance ids, and a corpus
+may hold the same recording under another name):
+
+1. ids: an evaluated trial's ``utt_id`` is a corpus utterance id, or is the text source of a
+   synthetic one (``flite/<voice>/<utt_id>``: the same words in another voice are not the
+   trial's audio, but ssip's default corpus keeps them out as well).
+2. content: the trial's speech segment has the same length (within ``frame_tolerance`` frames)
+   as a corpus utterance and their mels correlate above ``min_correlation`` on the interior
+   frames. Correlation, not difference, so a loudness change is still caught; ssip mels of the
+   same audio correlate above 0.99, different prompts of the same voice and length far below.
+
+:func:`find_leaks` is pure; :func:`check_leakage` reads an ingest root and a speech root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+#: Splits whose trials are evaluated or used to choose settings: never in the prior's corpus.
+HELD_OUT_SPLITS = ("val", "test")
+
+
+def _interior_corr(a: np.ndarray, b: np.ndarray, edge: int = 2) -> float:
+    n = min(a.shape[1], b.shape[1])
+    if n <= 2 * edge + 2:
+        return float("nan")
+    x = a[:, edge:n - edge].ravel().astype(np.float64)
+    y = b[:, edge:n - edge].ravel().astype(np.float64)
+    x -= x.mean()
+    y -= y.mean()
+    den = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def speech_segment(trial: dict) -> np.ndarray:
+    """The mel frames of a trial's speech (its window holds silence around it), (80, n)."""
+    mel = np.asarray(trial["mel"], np.float32)
+    rate = float(trial.get("frame_rate", 100.0) or 100.0)
+    a = max(0, int(round((trial["speech_onset_s"] - trial["onset_s"]) * rate)))
+    n = max(1, int(round(trial["speech_duration_s"] * rate)))
+    return mel[:, a:a + n]
+
+
+def find_leaks(evaluated: Sequence[dict], corpus: Iterable[dict], *, frame_tolerance: int = 3,
+               min_correlation: float = 0.97) -> list[dict]:
+    """Evaluated utterances found in a speech corpus.
+
+    Parameters
+    ----------
+    evaluated : sequence of dict
+        ``trial_id``, ``utt_id`` (may be ``""``) and ``segment`` (80, n) mel of the speech.
+    corpus : iterable of dict
+        ``utt_id`` and ``mel`` (80, T) of every corpus utterance.
+
+    Returns
+    -------
+    list of dict
+        One per leak: ``trial_id``, ``utt_id``, ``corpus_utt_id``, ``how`` (``id``,
+        ``synthetic-text`` or ``content``) and ``correlation`` (content matches).
+    """
+    ev_ids = {e["utt_id"]: e["trial_id"] for e in evaluated if e.get("utt_id")}
+    by_len: dict[int, list[dict]] = {}
+    for e in evaluated:
+        by_len.setdefault(int(e["segment"].shape[1]), []).append(e)
+    leaks = []
+    for row in corpus:
+        uid = row["utt_id"]
+        if uid in ev_ids:
+            leaks.append({"trial_id": ev_ids[uid], "utt_id": uid, "corpus_utt_id": uid,
+                          "how": "id", "correlation": float("nan")})
+        else:
+            parts = uid.split("/", 2)
+            if len(parts) == 3 and parts[2] in ev_ids:
+                leaks.append({"trial_id": ev_ids[parts[2]], "utt_id": parts[2],
+                              "corpus_utt_id": uid, "how": "synthetic-text",
+                              "correlation": float("nan")})
+        mel = np.asarray(row["mel"], np.float32)
+        t = mel.shape[1]
+        for n in range(t - frame_tolerance, t + frame_tolerance + 1):
+            for e in by_len.get(n, ()):
+                r = _interior_corr(e["segment"], mel)
+                if r >= min_correlation:
+                    leaks.append({"trial_id": e["trial_id"], "utt_id": e.get("utt_id", ""),
+                                  "corpus_utt_id": uid, "how": "content", "correlation": r})
+    return leaks
+
+
+def evaluated_utterances(ingest_root: str, splits: Sequence[str] = HELD_OUT_SPLITS) -> set[str]:
+    """Utterance ids of every trial in ``splits`` of an ingest root (the ones to keep out)."""
+    from ssip.data.dataset import load_trials
+
+    ids: set[str] = set()
+    for split in splits:
+        for t in load_trials(ingest_root, split=split, columns=["schema_version", "utt_id"]):
+            if t["utt_id"]:
+                ids.add(t["utt_id"])
+    return ids
+
+
+def check_leakage(ingest_root: str, speech_root: str, splits: Sequence[str] = HELD_OUT_SPLITS,
+                  **kw) -> dict:
+    """Compare the held-out trials of an ingest root with a speech corpus (ids and content).
+
+    Returns
+    -------
+    dict
+        ``n_evaluated``, ``n_without_id`` (checked by content only), ``n_corpus``, ``leaks``
+        (see :func:`find_leaks`) and ``ok``.
+    """
+    from ssip.data.dataset import load_trials
+    from ssip.data.speech_corpus import load_speech
+
+    evaluated = []
+    for split in splits:
+        for t in load_trials(ingest_root, split=split,
+                             columns=["schema_version", "trial_id", "utt_id", "mel", "onset_s",
+                                      "speech_onset_s", "speech_duration_s", "frame_rate"]):
+            evaluated.append({"trial_id": t["trial_id"], "utt_id": t["utt_id"],
+                              "segment": speech_segment(t)})
+    corpus = load_speech(speech_root, columns=["utt_id", "mel"])
+    leaks = find_leaks(evaluated, corpus, **kw)
+    return {"n_evaluated": len(evaluated),
+            "n_without_id": sum(1 for e in evaluated if not e["utt_id"]),
+            "n_corpus": len(corpus), "splits": list(splits), "leaks": leaks, "ok": not leaks}
