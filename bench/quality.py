@@ -42,11 +42,30 @@ def read_summary(root: str) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def heldout_voice_subjects(root: str) -> dict[str, str]:
+    """Subjects whose voice the prior never heard: subject -> voice (from the corpus card and
+    the prior's leakage record; empty when either is missing)."""
+    import json
+
+    corpus, prior = Path(root) / "corpus" / "corpus.json", Path(root) / "prior" / "manifest.json"
+    if not (corpus.exists() and prior.exists()):
+        return {}
+    data = json.loads(prior.read_text()).get("extra", {}).get("data", {})
+    held = set((data.get("leakage") or {}).get("heldout_speakers") or [])
+    if data.get("kind") != "speech":
+        return {}
+    return {s["subject"]: ",".join(s.get("voice", [])) for s in json.loads(corpus.read_text())["subjects"]
+            if set(s.get("voice", [])) & held}
+
+
+def table(rows: list[dict], heldout: dict[str, str] | None = None) -> str:
     by = {(r["subject"], r["method"]): r for r in rows}
     subjects = sorted({r["subject"] for r in rows}, key=lambda s: (s == "*", s))
     lines = [f"{'subject':8s} {'method':13s} {'n':>3s} " + " ".join(f"{m:>14s}" for m in METRICS)]
     for s in subjects:
+        if heldout and s in heldout:
+            lines.append(f"{s}: voice {heldout[s]} is held out of the prior's corpus "
+                         f"(cross-speaker generalisation)")
         for m in ORDER:
             r = by.get((s, m))
             if r is None:
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         run(resolve(PipelineConfig, args.config, args.overrides), args.root)
     rows = read_summary(args.root)
     print(f"\nquality of {args.root} (means over test trials; wer lower is better)\n")
-    print(table(rows))
+    print(table(rows, heldout_voice_subjects(args.root)))
     print(margins(rows))
     return 0
 

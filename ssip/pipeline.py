@@ -1,4 +1,4 @@
-"""The whole decoder pipeline as one resumable run: corpus -> ingest -> train -> decode -> evaluate.
+"""The whole decoder pipeline as one resumable run: corpus -> ingest -> speech -> train -> decode -> evaluate.
 
 :class:`PipelineConfig` nests the config of every stage. :func:`plan` turns it into the exact
 ``ssip`` command lines a user could run one by one (each stage's config is written to
@@ -10,12 +10,13 @@ with the same config hash and the same upstream outputs; change a config (or for
 that stage and the stages that read its outputs run again (a new prior re-runs decode and
 evaluate, not the per-subject likelihoods and baselines). Layout of ROOT::
 
-    corpus/ ingest/ prior/ likelihood/<subject>/ baselines/<subject>/<kind>/
+    corpus/ ingest/ speech/ prior/ likelihood/<subject>/ baselines/<subject>/<kind>/
     decoded.parquet report/report.md configs/<stage>.yaml pipeline.json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 from ssip import storage
 from ssip.config import ConfigError, check_option, check_range, config_hash, field, to_yaml
+from ssip.data.default_speech import DEFAULT_WEIGHTS, DefaultSpeechConfig
 from ssip.data.ingest import IngestConfig
 from ssip.data.simulate import CorpusConfig
 from ssip.decode import BASELINE_METHODS, DecodeConfig
@@ -32,7 +34,7 @@ from ssip.models.baselines import LinearDecoderConfig, NNDecoderConfig
 from ssip.models.likelihood import LikelihoodConfig
 from ssip.models.prior import PriorConfig
 
-STAGES = ("corpus", "ingest", "prior", "likelihood", "baselines", "decode", "evaluate")
+STAGES = ("corpus", "ingest", "speech", "prior", "likelihood", "baselines", "decode", "evaluate")
 
 
 @dataclass
@@ -44,6 +46,11 @@ class PipelineConfig:
     source: str | None = field(None, help="recordings to ingest instead of building the "
                                           "simulated corpus (BIDS tree, Flinker .h5 folder)")
     ingest: IngestConfig = field(default_factory=IngestConfig, help="`ssip ingest`")
+    prior_data: str = field("default", help="the prior's speech: default (the embedded "
+                            "multi-speaker corpus, `ssip speech default`), trials (the train-split "
+                            "trials' speech) or a speech corpus root from `ssip speech ingest`")
+    speech: DefaultSpeechConfig = field(default_factory=DefaultSpeechConfig,
+                                        help="`ssip speech default` (prior_data: default)")
     prior: PriorConfig = field(default_factory=PriorConfig, help="`ssip train prior`")
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig,
                                          help="`ssip train likelihood`, once per subject")
@@ -116,10 +123,25 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                       ("corpus",) if cfg.source is None else ()))
     ingest_key = steps[-1].key
     ingest = j("ingest")
-    steps.append(Step("prior", "prior", ["train", "prior", ingest, j("prior"), "--config",
-                                         _write_config(root, "prior", cfg.prior)],
-                      j("prior", "manifest.json"), h({"up": ingest_key, "cfg": h(cfg.prior)}),
-                      ("ingest",)))
+    if cfg.prior_data == "default":
+        # After ingest: the val/test trials' utterances are kept out of the prior's corpus.
+        steps.append(Step("speech", "speech", ["speech", "default", j("speech"), "--exclude-from",
+                                               ingest, "--config",
+                                               _write_config(root, "speech", cfg.speech)],
+                          j("speech", "card.json"), h({"up": ingest_key, "cfg": h(cfg.speech)}),
+                          ("ingest",)))
+        data, data_key, data_dep = j("speech"), steps[-1].key, "speech"
+    elif cfg.prior_data == "trials":
+        data, data_key, data_dep = ingest, ingest_key, "ingest"
+    else:
+        data, data_key, data_dep = cfg.prior_data, cfg.prior_data, "ingest"
+    prior_cfg = cfg.prior
+    if cfg.prior_data == "default" and not prior_cfg.source_weights:
+        prior_cfg = dataclasses.replace(prior_cfg, source_weights=dict(DEFAULT_WEIGHTS))
+    steps.append(Step("prior", "prior", ["train", "prior", data, j("prior"), "--config",
+                                         _write_config(root, "prior", prior_cfg)],
+                      j("prior", "manifest.json"), h({"up": data_key, "cfg": h(prior_cfg)}),
+                      (data_dep,)))
     if subjects is None:
         return steps
     lik_cfg = _write_config(root, "likelihood", cfg.likelihood)
@@ -155,7 +177,8 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                          "n": cfg.max_decode_trials, "s": list(subjects)}),
                       tuple(fitted_names)))
     steps.append(Step("evaluate", "evaluate",
-                      ["evaluate", j("decoded.parquet"), ingest, j("report"), "--config",
+                      ["evaluate", j("decoded.parquet"), ingest, j("report"), "--prior", j("prior"),
+                       "--config",
                        _write_config(root, "evaluate", cfg.evaluate)],
                       j("report", "report.md"), h({"up": steps[-1].key, "cfg": h(cfg.evaluate)}),
                       ("decode",)))

@@ -10,6 +10,8 @@ def register(sub) -> None:
     p.add_argument("decoded", help="decoded table (parquet: subject, trial_id, method, mel)")
     p.add_argument("ingest", help="ingest root the trials were decoded from (local or s3://)")
     p.add_argument("out", help="report folder")
+    p.add_argument("--prior", default=None, help="the prior checkpoint that decoded: the report "
+                   "states its training data and the leakage check")
     add_config_args(p)
     p.set_defaults(func=_evaluate)
 
@@ -20,6 +22,13 @@ def _evaluate(args) -> int:
     cfg = resolve_and_print(EvaluateConfig, args)
     if cfg is None:
         return 0
-    evaluate(args.decoded, args.ingest, args.out, cfg)
+    note = ""
+    if args.prior:
+        from ssip.data.leakage import leakage_statement
+        from ssip.models.checkpoint import read_manifest
+
+        note = leakage_statement(read_manifest(args.prior).get("extra", {}), args.ingest,
+                                 "decoded")
+    evaluate(args.decoded, args.ingest, args.out, cfg, leakage_note=note)
     print(f"report: {args.out}/report.md")
     return 0

@@ -75,6 +75,9 @@ def prior_training_mels(data: str) -> tuple[list, list[str], dict]:
         info = {"kind": "speech", "root": data, "n_utterances": len(rows),
                 "n_speakers": len({r["speaker"] for r in rows}),
                 "per_source": {s: sources.count(s) for s in sorted(set(sources))}}
+        leakage = storage.join(data, "leakage.json")
+        if storage.exists(leakage):  # written by `ssip speech default --exclude-from INGEST`
+            info["leakage"] = storage.read_json(leakage)
         return [np.asarray(r["mel"], np.float32) for r in rows], sources, info
     trials = load_trials(data, split="train", columns=["schema_version", "subject", "trial_id", "mel"])
     if not trials:

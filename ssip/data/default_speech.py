@@ -3,7 +3,8 @@
 Nothing is downloaded: every source is a Debian package that scripts/system_deps.sh installs or
 unpacks (DESIGN.md section 5), or speech synthesised here with flite and espeak-ng.
 
-Sources (``DefaultSpeechConfig.weights`` gives each one's share of the prior's training windows)
+Sources (``DEFAULT_WEIGHTS``: each one's share of the prior's training windows, what ``ssip
+pipeline`` gives ``prior.source_weights`` when the prior trains on this corpus and none are set)
 
 =================== ========= ================================ ====== ======================
 source              language  voice                            rate   weight (default)
@@ -48,6 +49,7 @@ import numpy as np
 
 from ssip.config import ConfigError, check_range, field, to_dict
 from ssip.data.speech import DEBIAN_VOICES, read_pocketsphinx, voice_prompts
+from ssip.data.speech_corpus import SpeechIngestConfig
 
 DEFAULT_WEIGHTS = {
     "asterisk-en": 0.20, "asterisk-es": 0.12, "asterisk-it": 0.12, "asterisk-ru": 0.11,
@@ -80,9 +82,10 @@ class DefaultSpeechConfig:
     synth_per_voice: int = field(60, help="utterances synthesised per flite / espeak voice")
     max_per_voice: int | None = field(None, help="first N prompts of each Debian voice "
                                                  "(None = all; for tests)")
-    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
-                                      help="share of the prior's training windows per source")
     seed: int = field(0, help="seed of the synthesis text draws")
+    ingest: SpeechIngestConfig = field(
+        default_factory=lambda: SpeechIngestConfig(layout="manifest", source="ssip-default"),
+        help="how `ssip speech ingest` reads the manifest the builder writes")
 
     def __post_init__(self) -> None:
         for name in [*self.voices, *self.heldout_voices, *self.espeak_voices.values()]:
@@ -92,9 +95,6 @@ class DefaultSpeechConfig:
         check_range("synth_per_voice", self.synth_per_voice, 0, 100_000)
         if self.max_per_voice is not None:
             check_range("max_per_voice", self.max_per_voice, 1, None)
-        for k, w in self.weights.items():
-            if not (w >= 0):
-                raise ConfigError(f"weights[{k!r}]={w!r} must be >= 0")
 
 
 def _write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> None:
@@ -216,7 +216,7 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
         "config": to_dict(cfg),
         "n_utterances": len(rows),
         "per_source": counts,
-        "weights": {k: w for k, w in cfg.weights.items() if k in counts},
+        "recommended_weights": {k: w for k, w in DEFAULT_WEIGHTS.items() if k in counts},
         "heldout_voices": sorted(heldout),
         "heldout_speakers": sorted(heldout_speakers),
         "n_excluded_utterances": len(exclude),
@@ -224,3 +224,47 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
     }
     (out / "default_speech.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
+
+
+def run_default_speech(out: str, cfg: DefaultSpeechConfig, *, exclude_from: str | None = None,
+                       address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Build the default corpus under ``out`` and ingest it there (``ssip speech default``).
+
+    ``out/build/`` holds the manifest and the synthesised audio, ``out/`` the shards and
+    ``card.json`` (from :func:`ssip.distributed.speech_ingest.run_speech_ingest`). With
+    ``exclude_from`` (an ingest root), the utterances of its val and test trials are left out and
+    ``out/leakage.json`` records the check of ids and mel content (:mod:`ssip.data.leakage`);
+    a leak raises.
+
+    Returns
+    -------
+    dict
+        The corpus card, with ``default_speech`` (the build summary) and ``leakage`` added.
+    """
+    from ssip import storage
+    from ssip.data.leakage import HELD_OUT_SPLITS, check_leakage, evaluated_utterances
+    from ssip.distributed.speech_ingest import run_speech_ingest
+
+    if storage.is_s3(out):
+        raise ValueError(f"ssip speech default: {out} must be a local folder (it holds the "
+                         "synthesised audio the ingest reads); copy the shards to S3 afterwards")
+    exclude = evaluated_utterances(exclude_from) if exclude_from else set()
+    info = build_default_speech(Path(out) / "build", cfg, exclude)
+    card = run_speech_ingest(str(Path(out) / "build" / "manifest.jsonl"), out, cfg.ingest,
+                             address=address, num_cpus=num_cpus)
+    card["default_speech"] = info
+    if exclude_from:
+        report = check_leakage(exclude_from, out)
+        summary = {k: report[k] for k in ("n_evaluated", "n_without_id", "n_corpus", "splits", "ok")}
+        summary.update(ingest_root=exclude_from, n_leaks=len(report["leaks"]),
+                       leaks=report["leaks"][:20], heldout_speakers=info["heldout_speakers"])
+        storage.write_json(storage.join(out, "leakage.json"), summary)
+        card["leakage"] = summary
+        if not report["ok"]:
+            raise RuntimeError(f"ssip speech default: {len(report['leaks'])} evaluated trial(s) of "
+                               f"{exclude_from} are in the prior corpus {out}, e.g. "
+                               f"{report['leaks'][:3]}; see {out}/leakage.json")
+    else:
+        card["leakage"] = {"ok": None, "splits": list(HELD_OUT_SPLITS),
+                           "note": "no ingest root given: nothing was excluded or checked"}
+    return card

@@ -126,3 +126,33 @@ def check_leakage(ingest_root: str, speech_root: str, splits: Sequence[str] = HE
     return {"n_evaluated": len(evaluated),
             "n_without_id": sum(1 for e in evaluated if not e["utt_id"]),
             "n_corpus": len(corpus), "splits": list(splits), "leaks": leaks, "ok": not leaks}
+
+
+def leakage_statement(prior_extra: dict, ingest_root: str, split: str) -> str:
+    """One sentence for a report: what the prior trained on and whether evaluated audio was in it.
+
+    ``prior_extra`` is the ``extra`` of a prior checkpoint's manifest (its ``data`` entry is
+    written by ``ssip train prior``).
+    """
+    data = prior_extra.get("data") or {}
+    if data.get("kind") == "trials":
+        same = data.get("root") == ingest_root
+        return (f"the prior trained on the train-split trials of {data.get('root')}"
+                + (f"; the evaluated {split} split is disjoint from them (each utterance is one "
+                   f"trial's)." if same else f", not on {ingest_root}: check it holds none of "
+                                                 f"the evaluated trials' audio."))
+    if data.get("kind") == "speech":
+        head = (f"the prior trained on the speech corpus {data.get('root')} "
+                f"({data.get('n_utterances')} utterances, {data.get('n_speakers')} speakers)")
+        leak = data.get("leakage")
+        if not leak:
+            return head + "; it was not checked against the evaluated trials (no leakage.json)."
+        verdict = "no evaluated trial's audio is in it" if leak.get("ok") else \
+            f"{leak.get('n_leaks')} LEAK(S) of evaluated trials"
+        where = "" if leak.get("ingest_root") == ingest_root else \
+            f" (checked against {leak.get('ingest_root')}, not {ingest_root})"
+        held = ", ".join(leak.get("heldout_speakers") or []) or "none"
+        return (f"{head}; {verdict}: {leak.get('n_evaluated')} {'/'.join(leak.get('splits', []))} "
+                f"trials compared by utterance id and mel content{where}; voices held out of the "
+                f"prior entirely: {held}.")
+    return "the prior's checkpoint does not record its training data (trained before ssip 0.2?)."
