@@ -23,8 +23,10 @@ class FakeSsip:
 
     def __call__(self, argv: list[str]) -> int:
         self.calls.append(argv)
-        cmd = argv[0] if argv[0] not in ("corpus", "train") else argv[1]
-        if cmd == "build":
+        cmd = argv[0] if argv[0] not in ("corpus", "train", "speech") else argv[1]
+        if cmd == "default":
+            storage.write_json(storage.join(argv[2], "card.json"), {})
+        elif cmd == "build":
             storage.write_json(storage.join(argv[2], "corpus.json"), {})
         elif cmd == "ingest":
             storage.write_json(storage.join(argv[2], "manifest.json"), {"recordings": [
@@ -39,23 +41,40 @@ class FakeSsip:
         return 0
 
     def names(self) -> list[str]:
-        return [" ".join(a[:2]) if a[0] in ("corpus", "train") else a[0] for a in self.calls]
+        return [" ".join(a[:2]) if a[0] in ("corpus", "train", "speech") else a[0] for a in self.calls]
 
 
 def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     cfg = PipelineConfig()
     steps = plan(cfg, str(tmp_path), ["s1", "s2"])
     assert [s.name for s in steps] == [
-        "corpus", "ingest", "prior", "likelihood s1", "baseline linear s1", "baseline nn s1",
+        "corpus", "ingest", "speech", "prior", "likelihood s1", "baseline linear s1", "baseline nn s1",
         "likelihood s2", "baseline linear s2", "baseline nn s2", "decode", "evaluate"]
     decode = steps[-2].argv
     assert decode[:2] == ["decode", str(tmp_path / "ingest")]
     assert decode[decode.index("--baselines-root") + 1] == str(tmp_path / "baselines")
     assert [decode[i + 1] for i, a in enumerate(decode) if a == "--subject"] == ["s1", "s2"]
+    # The prior trains on the default speech corpus, built after ingest with its val/test
+    # utterances kept out, with the default corpus's source weights.
+    speech = steps[2].argv
+    assert speech[:3] == ["speech", "default", str(tmp_path / "speech")]
+    assert speech[speech.index("--exclude-from") + 1] == str(tmp_path / "ingest")
+    assert steps[3].argv[:3] == ["train", "prior", str(tmp_path / "speech")]
+    assert steps[-1].argv[steps[-1].argv.index("--prior") + 1] == str(tmp_path / "prior")
     # Each stage's config is written where --config points, and reads back equal.
-    prior_cfg = steps[2].argv[steps[2].argv.index("--config") + 1]
+    prior_cfg = steps[3].argv[steps[3].argv.index("--config") + 1]
+    from ssip.data.default_speech import DEFAULT_WEIGHTS
     from ssip.models.prior import PriorConfig
-    assert resolve(PriorConfig, prior_cfg) == cfg.prior
+    assert resolve(PriorConfig, prior_cfg).source_weights == DEFAULT_WEIGHTS
+    cfg.prior.source_weights = {"asterisk-en": 1.0}
+    steps = plan(cfg, str(tmp_path), ["s1", "s2"])
+    assert resolve(PriorConfig, steps[3].argv[steps[3].argv.index("--config") + 1]) == cfg.prior
+    # The train-split trials instead: no speech stage.
+    cfg.prior_data = "trials"
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    assert [s.name for s in steps][:3] == ["corpus", "ingest", "prior"]
+    assert steps[2].argv[:3] == ["train", "prior", str(tmp_path / "ingest")]
+    cfg.prior_data = "default"
     # No baselines asked for: no baseline steps and no --baselines-root.
     cfg.decode.methods = ["dps", "prior"]
     steps = plan(cfg, str(tmp_path), ["s1"])
@@ -71,13 +90,14 @@ def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
     cfg = PipelineConfig()
     fake = FakeSsip()
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
-    assert fake.names() == ["corpus build", "ingest", "train prior", "train likelihood",
-                            "train baseline", "train baseline", "train likelihood",
-                            "train baseline", "train baseline", "decode", "evaluate"]
+    assert fake.names() == ["corpus build", "ingest", "speech default", "train prior",
+                            "train likelihood", "train baseline", "train baseline",
+                            "train likelihood", "train baseline", "train baseline", "decode",
+                            "evaluate"]
     # Subjects come from the ingest manifest (sorted, failed files left out).
     assert [a[a.index("--subject") + 1] for a in fake.calls if a[1:2] == ["likelihood"]] == ["s1", "s2"]
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert len(state["done"]) == 11
+    assert len(state["done"]) == 12
 
     fake.calls.clear()
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
@@ -108,7 +128,13 @@ def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
 
     fake.calls.clear()
     run(cfg, root, force=["ingest"], main=fake, echo=lambda *a, **k: None)
-    assert fake.names()[:2] == ["ingest", "train prior"] and len(fake.calls) == 10
+    assert fake.names()[:3] == ["ingest", "speech default", "train prior"]
+    assert len(fake.calls) == 11
+
+    fake.calls.clear()
+    cfg.speech.synth_per_voice = 5  # a new prior corpus: the speech stage, the prior, decode
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["speech default", "train prior", "decode", "evaluate"]
 
 
 def test_failures_name_the_stage(tmp_path):
@@ -147,7 +173,19 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):
     n_test = len({(r["subject"], r["trial_id"]) for r in rows})
     per_trial = 3 * (cfg.decode.n_draws + 1) + 2  # 3 sampled methods (draws + mean), 2 baselines
     assert len(rows) == n_test * per_trial
-    assert (root / "report" / "report.md").exists()
+    # The prior corpus holds none of the val/test trials' clips, checked by id and content,
+    # and the report says so.
+    leak = json.loads((root / "speech" / "leakage.json").read_text())
+    assert leak["ok"] and leak["n_leaks"] == 0 and leak["n_evaluated"] > 0
+    from ssip.data.leakage import evaluated_utterances
+    from ssip.data.speech_corpus import load_speech
+
+    held = evaluated_utterances(str(root / "ingest"))
+    ids = {r["utt_id"] for r in load_speech(str(root / "speech"), columns=["utt_id"])}
+    assert held and all(i.startswith("pocketsphinx/") for i in held)
+    assert not held & ids and any(i.startswith("pocketsphinx/") for i in ids)
+    report = (root / "report" / "report.md").read_text()
+    assert "no evaluated trial's audio is in it" in report
     # A second run finds everything finished.
     calls = []
     run(cfg, str(root), main=lambda argv: calls.append(argv) or 0, echo=lambda *a, **k: None)

@@ -84,7 +84,8 @@ class DefaultSpeechConfig:
                                                  "(None = all; for tests)")
     seed: int = field(0, help="seed of the synthesis text draws")
     ingest: SpeechIngestConfig = field(
-        default_factory=lambda: SpeechIngestConfig(layout="manifest", source="ssip-default"),
+        default_factory=lambda: SpeechIngestConfig(layout="manifest", source="ssip-default",
+                                                   max_duration_s=120.0),
         help="how `ssip speech ingest` reads the manifest the builder writes")
 
     def __post_init__(self) -> None:
