@@ -186,6 +186,30 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):
     assert not held & ids and any(i.startswith("pocketsphinx/") for i in ids)
     report = (root / "report" / "report.md").read_text()
     assert "no evaluated trial's audio is in it" in report
+    # The check can fail: one test trial's speech slipped in under another name is found by
+    # its mel content.
+    import shutil
+
+    from ssip.data import schema
+    from ssip.data.dataset import load_trials
+    from ssip.data.leakage import check_leakage, speech_segment
+
+    leaky = tmp_path / "leaky"
+    shutil.copytree(root / "speech", leaky)
+    trial = load_trials(str(root / "ingest"), split="test")[0]
+    seg = speech_segment(trial)
+    row = {"utt_id": "other/renamed", "source": "other", "speaker": "other:x", "language": "en",
+           "transcript": "", "license": "", "source_file": "x.wav", "source_rate": 16000,
+           "duration_s": seg.shape[1] / 100, "n_frames": seg.shape[1], "mel": seg + 0.1,
+           "mel_version": "x"}
+    storage.write_parquet(str(leaky / "shards" / "leak.parquet"), schema.speech_table([row]))
+    card = json.loads((leaky / "card.json").read_text())
+    card["shards"].append({**card["shards"][0], "path": "shards/leak.parquet", "rows": 1})
+    (leaky / "card.json").write_text(json.dumps(card))
+    found = check_leakage(str(root / "ingest"), str(leaky))
+    assert not found["ok"]
+    assert [(x["trial_id"], x["corpus_utt_id"], x["how"]) for x in found["leaks"]] == [
+        (trial["trial_id"], "other/renamed", "content")]
     # A second run finds everything finished.
     calls = []
     run(cfg, str(root), main=lambda argv: calls.append(argv) or 0, echo=lambda *a, **k: None)
