@@ -48,7 +48,10 @@ class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig, help="`ssip ingest`")
     prior_data: str = field("default", help="the prior's speech: default (the embedded "
                             "multi-speaker corpus, `ssip speech default`), trials (the train-split "
-                            "trials' speech) or a speech corpus root from `ssip speech ingest`")
+                            "trials' speech) or corpora (prior_corpora)")
+    prior_corpora: list[str] = field(default_factory=list, help="speech corpus roots from `ssip "
+                                     "speech ingest` (local or s3://), pooled, for prior_data: "
+                                     "corpora")
     speech: DefaultSpeechConfig = field(default_factory=DefaultSpeechConfig,
                                         help="`ssip speech default` (prior_data: default)")
     prior: PriorConfig = field(default_factory=PriorConfig, help="`ssip train prior`")
@@ -68,6 +71,11 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_option("decode_split", self.decode_split, ("train", "val", "test"))
+        check_option("prior_data", self.prior_data, ("default", "trials", "corpora"))
+        if (self.prior_data == "corpora") != bool(self.prior_corpora):
+            raise ConfigError("prior_corpora lists the speech roots for prior_data: corpora (and "
+                              f"only then); got prior_data={self.prior_data!r}, "
+                              f"prior_corpora={self.prior_corpora!r}")
         check_range("max_decode_trials", self.max_decode_trials, 0, None)
 
 
@@ -132,13 +140,15 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                           ("ingest",)))
         data, data_key, data_dep = j("speech"), steps[-1].key, "speech"
     elif cfg.prior_data == "trials":
-        data, data_key, data_dep = ingest, ingest_key, "ingest"
+        data, data_key, data_dep = [ingest], ingest_key, "ingest"
     else:
-        data, data_key, data_dep = cfg.prior_data, cfg.prior_data, "ingest"
+        data, data_key, data_dep = list(cfg.prior_corpora), list(cfg.prior_corpora), "ingest"
+    if isinstance(data, str):
+        data = [data]
     prior_cfg = cfg.prior
     if cfg.prior_data == "default" and not prior_cfg.source_weights:
         prior_cfg = dataclasses.replace(prior_cfg, source_weights=dict(DEFAULT_WEIGHTS))
-    steps.append(Step("prior", "prior", ["train", "prior", data, j("prior"), "--config",
+    steps.append(Step("prior", "prior", ["train", "prior", *data, j("prior"), "--config",
                                          _write_config(root, "prior", prior_cfg)],
                       j("prior", "manifest.json"), h({"up": data_key, "cfg": h(prior_cfg)}),
                       (data_dep,)))

@@ -57,11 +57,12 @@ def test_every_config_file_loads():
     from ssip.evaluate.report import EvaluateConfig
     from ssip.models.likelihood import LikelihoodConfig
     from ssip.models.prior import PriorConfig
+    from ssip.data.speech_corpus import SpeechIngestConfig
     from ssip.pipeline import PipelineConfig
 
     classes = {"corpus": CorpusConfig, "ingest": IngestConfig, "prior": PriorConfig,
                "likelihood": LikelihoodConfig, "decode": DecodeConfig, "evaluate": EvaluateConfig,
-               "pipeline": PipelineConfig}
+               "pipeline": PipelineConfig, "speech": SpeechIngestConfig}
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert files
     for f in files:

@@ -74,7 +74,14 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     steps = plan(cfg, str(tmp_path), ["s1"])
     assert [s.name for s in steps][:3] == ["corpus", "ingest", "prior"]
     assert steps[2].argv[:3] == ["train", "prior", str(tmp_path / "ingest")]
-    cfg.prior_data = "default"
+    # Speech corpora of one's own, pooled.
+    cfg.prior_data, cfg.prior_corpora = "corpora", ["s3://b/librispeech", "/data/cv-fr"]
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    assert steps[2].argv[:5] == ["train", "prior", "s3://b/librispeech", "/data/cv-fr",
+                                 str(tmp_path / "prior")]
+    with pytest.raises(ValueError, match="prior_corpora"):
+        PipelineConfig(prior_data="default", prior_corpora=["/x"])
+    cfg.prior_data, cfg.prior_corpora = "default", []
     # No baselines asked for: no baseline steps and no --baselines-root.
     cfg.decode.methods = ["dps", "prior"]
     steps = plan(cfg, str(tmp_path), ["s1"])

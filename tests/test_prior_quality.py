@@ -63,18 +63,20 @@ def _random_spd(rng, d, cond=10.0):
     return (q * np.geomspace(1.0, 1.0 / cond, d)) @ q.T
 
 
-def test_frechet_diagonal_and_one_dimensional_closed_forms():
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_diagonal_and_one_dimensional_closed_forms(method):
     rng = np.random.default_rng(0)
     a, b = rng.uniform(0.1, 3.0, 12), rng.uniform(0.1, 3.0, 12)
     mu1, mu2 = rng.normal(size=12), rng.normal(size=12)
     want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert math.isclose(frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want, rel_tol=1e-9)
+    assert math.isclose(frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method), want, rel_tol=1e-9)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2, scalars accepted.
-    assert math.isclose(frechet_distance(1.0, 4.0, -2.0, 0.25), 9.0 + (2.0 - 0.5) ** 2, rel_tol=1e-12)
-    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0.0, abs=1e-10)
+    assert math.isclose(frechet_distance(1.0, 4.0, -2.0, 0.25, method=method), 9.0 + (2.0 - 0.5) ** 2, rel_tol=1e-12)
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a), method=method) == pytest.approx(0.0, abs=1e-10)
 
 
-def test_frechet_full_covariances_against_eigen_reference():
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_full_covariances_against_eigen_reference(method):
     rng = np.random.default_rng(1)
     d = 16
     q = ortho_group.rvs(d, random_state=rng)
@@ -83,13 +85,13 @@ def test_frechet_full_covariances_against_eigen_reference():
     # Commuting: same eigenvectors, so the diagonal closed form holds in that basis.
     c1, c2 = (q * a) @ q.T, (q * b) @ q.T
     want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert math.isclose(frechet_distance(mu1, c1, mu2, c2), want, rel_tol=1e-8)
+    assert math.isclose(frechet_distance(mu1, c1, mu2, c2, method=method), want, rel_tol=1e-8)
     # Non-commuting.
     c1, c2 = _random_spd(rng, d, 30.0), _random_spd(rng, d, 5.0)
-    got = frechet_distance(mu1, c1, mu2, c2)
+    got = frechet_distance(mu1, c1, mu2, c2, method=method)
     assert math.isclose(got, _frechet_reference(mu1, c1, mu2, c2), rel_tol=1e-8)
     # Symmetric.
-    assert math.isclose(got, frechet_distance(mu2, c2, mu1, c1), rel_tol=1e-8)
+    assert math.isclose(got, frechet_distance(mu2, c2, mu1, c1, method=method), rel_tol=1e-8)
 
 
 def test_frechet_from_samples_is_symmetric_and_matches_stats():
@@ -125,9 +127,16 @@ def test_frechet_rank_deficient_and_invalid_inputs():
     assert np.isfinite(f) and f > 0
     assert math.isclose(f, frechet_from_samples(y, x), rel_tol=1e-6)
     assert frechet_from_samples(x, x) == pytest.approx(0.0, abs=1e-6 * f)
-    # A covariance that is not PSD makes (C1 C2)^{1/2} imaginary: refused, not silently real.
+    # The two ways of computing the trace term agree on singular covariances too.
+    assert math.isclose(f, frechet_distance(*gaussian_stats(x), *gaussian_stats(y), method="sqrtm"),
+                        rel_tol=1e-6)
+    # A covariance that is not PSD (so (C1 C2)^{1/2} is imaginary) is refused, not made real.
     with pytest.raises(FrechetError, match="imaginary"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -np.eye(3), method="sqrtm")
+    with pytest.raises(FrechetError, match="positive semi-definite"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -np.eye(3))
+    with pytest.raises(ValueError, match="method="):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
     with pytest.raises(ValueError, match="cov2 has shape"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
     with pytest.raises(ValueError, match="at least 2"):
@@ -137,7 +146,7 @@ def test_frechet_rank_deficient_and_invalid_inputs():
 
 
 def test_frechet_retries_with_a_diagonal_offset(monkeypatch):
-    """A failed square root (as for a near-singular C1 C2) is retried on (C1 + eps s I)(C2 + eps s I);
+    """method "sqrtm": a failed square root (as for a near-singular C1 C2) is retried on (C1 + eps s I)(C2 + eps s I);
     the result is the distance between the offset Gaussians, within O(eps) of the exact one."""
     import ssip.evaluate.frechet as fr
 
@@ -153,12 +162,12 @@ def test_frechet_retries_with_a_diagonal_offset(monkeypatch):
         return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
 
     monkeypatch.setattr(fr.linalg, "sqrtm", flaky_sqrtm)
-    got = fr.frechet_distance(mu1, c1, mu2, c2, eps=1e-6)
+    got = fr.frechet_distance(mu1, c1, mu2, c2, method="sqrtm", eps=1e-6)
     assert len(calls) == 2 and not np.allclose(calls[0], calls[1])
     assert got == pytest.approx(exact, rel=1e-4)
     monkeypatch.setattr(fr.linalg, "sqrtm", lambda a: np.full_like(a, np.nan))
     with pytest.raises(FrechetError, match="stayed inaccurate"):
-        fr.frechet_distance(mu1, c1, mu2, c2)
+        fr.frechet_distance(mu1, c1, mu2, c2, method="sqrtm")
 
 
 # ---------------------------------------------------------------------------------------------

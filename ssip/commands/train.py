@@ -22,8 +22,9 @@ def register(sub) -> None:
 
     q = kinds.add_parser("prior", help="EDM mel prior on a speech corpus (or on the train-split "
                                        "mels of all subjects of an ingest root)")
-    q.add_argument("ingest", metavar="DATA", help="speech corpus root (card.json, from `ssip "
-                   "speech ingest`) or ingest root (manifest.json); local or s3://")
+    q.add_argument("ingest", metavar="DATA", nargs="+", help="speech corpus root(s) (card.json, "
+                   "from `ssip speech ingest`; several are pooled, their sources weighted by "
+                   "source_weights) or one ingest root (manifest.json); local or s3://")
     q.add_argument("out", help="checkpoint folder to write")
     add_config_args(q)
     q.set_defaults(func=_train_prior)
@@ -54,17 +55,35 @@ def _subject_trials(ingest: str, subject: str) -> list[dict]:
     return trials
 
 
-def prior_training_mels(data: str) -> tuple[list, list[str], dict]:
+def prior_training_mels(data: str | list[str]) -> tuple[list, list[str], dict]:
     """Training mels of the prior, their sources, and a description of the data.
 
-    ``data`` is a speech corpus root (``card.json``, from ``ssip speech ingest``: every
-    utterance) or an ingest root (``manifest.json``: the train-split trials of every subject).
+    ``data`` is one or more speech corpus roots (``card.json``, from ``ssip speech ingest``:
+    every utterance, pooled) or one ingest root (``manifest.json``: the train-split trials of
+    every subject).
     """
     import numpy as np
 
     from ssip import storage
     from ssip.data.dataset import load_trials
 
+    if not isinstance(data, str):
+        if len(data) == 1:
+            return prior_training_mels(data[0])
+        parts = [prior_training_mels(d) for d in data]
+        if any(info["kind"] != "speech" for _, _, info in parts):
+            raise ValueError(f"ssip train prior: several DATA roots must all be speech corpora "
+                             f"(card.json); got {list(data)}")
+        mels = [m for ms, _, _ in parts for m in ms]
+        sources = [s for _, ss, _ in parts for s in ss]
+        info = {"kind": "speech", "root": ",".join(data), "n_utterances": len(mels),
+                "n_speakers": sum(i["n_speakers"] for _, _, i in parts),
+                "per_source": {s: sources.count(s) for s in sorted(set(sources))}}
+        leaks = [i["leakage"] for _, _, i in parts if "leakage" in i]
+        if len(leaks) == len(parts):
+            info["leakage"] = {**leaks[0], "ok": all(x.get("ok") for x in leaks),
+                               "n_leaks": sum(x.get("n_leaks", 0) for x in leaks)}
+        return mels, sources, info
     if storage.exists(storage.join(data, "card.json")):
         from ssip.data.speech_corpus import load_speech
 
