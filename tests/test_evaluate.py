@@ -107,7 +107,7 @@ def test_diverged_sample_is_scored_missing_with_reason(ingest_root):
                 "mel": np.full_like(r["mel"], 30.0)}]
     heard = []
     rows, audio = score_trials(decoded, refs, EvaluateConfig(), get_vocoder("griffinlim"),
-                               lambda a: heard.extend(a) or ["x"] * len(a))
+                               lambda a, lang=None: heard.extend(a) or ["x"] * len(a))
     truth, bad = rows
     assert truth["stoi"] > 0.8 and truth["reason"] == ""
     assert math.isnan(bad["stoi"]) and math.isnan(bad["wer"])
@@ -127,7 +127,7 @@ def test_each_draw_is_vocoded_and_heard_on_its_own(ingest_root, tmp_path):
 
     rows, audio = score_trials(rows_in, {(r["subject"], r["trial_id"]): r},
                                EvaluateConfig(), get_vocoder("griffinlim"),
-                               lambda a: [f"text {float(np.abs(x).mean()):.6f}" for x in a])
+                               lambda a, lang=None: [f"text {float(np.abs(x).mean()):.6f}" for x in a])
     assert len(audio) == 3
     assert len({row["asr"] for row in rows}) == 3
     dec = tmp_path / "d.parquet"
@@ -138,3 +138,23 @@ def test_each_draw_is_vocoded_and_heard_on_its_own(ingest_root, tmp_path):
     wavs = sorted(p.name for p in (tmp_path / "rep" / "wavs").rglob("*.wav"))
     tid = r["trial_id"].split("/")[-1]
     assert wavs == sorted([f"{tid}.wav", f"{tid}-draw0.wav", f"{tid}-draw1.wav"])
+
+
+def test_asr_language_per_subject(ingest_root):
+    """A subject listed in asr_languages is heard in its language, the others in English."""
+    from ssip.data.dataset import load_trials
+    from ssip.evaluate.report import score_trials
+    from ssip.models.vocoder import get_vocoder
+
+    trials = load_trials(str(ingest_root))
+    picks = [trials[0], {**trials[1], "subject": "other"}]  # two subjects
+    subjects = sorted(p["subject"] for p in picks)
+    refs = {(r["subject"], r["trial_id"]): r for r in picks}
+    decoded = [{"subject": r["subject"], "trial_id": r["trial_id"], "method": "truth",
+                "mel": r["mel"]} for r in picks]
+    calls = []
+    rows, _ = score_trials(decoded, refs, EvaluateConfig(asr_languages={subjects[1]: "fr"}),
+                           get_vocoder("griffinlim"),
+                           lambda a, lang=None: calls.append((len(a), lang)) or [str(lang)] * len(a))
+    assert sorted(calls, key=str) == sorted([(1, None), (1, "fr")], key=str)
+    assert {r["subject"]: r["asr"] for r in rows} == {subjects[0]: "None", subjects[1]: "fr"}

@@ -526,3 +526,21 @@ def test_cli_convert_and_transcribe_resampled_stereo(tiny, cache, capsys, tmp_pa
     text = _normalise(capsys.readouterr().out)
     assert jiwer.wer("and mister john dashwood had then leisure to consider how much there might "
                      "be prudently in his power to do for them", text) < 0.15, text
+
+
+def test_base_transcribes_french_with_its_language_token(base, tiny):
+    """June's French prompts (the held-out-voice subject's speech): the <|fr|> prompt reads
+    them far better than the English one, and an English-only model refuses a language."""
+    from ssip.data.speech import read_voice
+    from ssip.evaluate.metrics import wer
+
+    utts = read_voice("asterisk-fr", limit=40)[10:40:6]
+    model, tok, spec = base
+    audio = [u.audio for u in utts]
+    refs = [u.transcript for u in utts]
+    fr = W.transcribe(model, tok, audio, spec, language="fr")
+    en = W.transcribe(model, tok, audio, spec)
+    assert wer(refs, fr) < 0.5, list(zip(refs, fr))
+    assert wer(refs, en) > wer(refs, fr) + 0.2, (list(zip(refs, en)), list(zip(refs, fr)))
+    with pytest.raises(ValueError, match="English-only"):
+        W.transcribe(tiny[0], tiny[1], audio[:1], tiny[2], language="fr")

@@ -6,9 +6,18 @@ For N(mu1, C1) and N(mu2, C2),
 
     d^2 = ||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^{1/2}),
 
-the squared 2-Wasserstein distance between the two Gaussians. Here it is computed as the
-reference FID/FAD code does (``scipy.linalg.sqrtm`` of the product), so numbers are comparable
-with published ones.
+the squared 2-Wasserstein distance between the two Gaussians. Two ways to get the trace term:
+
+- ``method="eigh"`` (default): tr (C1 C2)^{1/2} = tr (C1^{1/2} C2 C1^{1/2})^{1/2}, the sum of
+  square roots of the eigenvalues of a symmetric PSD matrix (two ``eigh`` calls). Exact for PSD
+  inputs and real by construction: 0.18 s at D = 512 (N = 128) on one CPU core.
+- ``method="sqrtm"``: ``scipy.linalg.sqrtm`` of the product, as the reference FID/FAD code does,
+  with a diagonal offset and retry when it fails and a check of its imaginary part. Same value
+  (tests hold them together, 611.31332 both ways in that case), 0.40 s there, and it goes
+  through complex arithmetic for rank-deficient products.
+
+On 2 busy cores, two OpenBLAS threads made either method 20-50x slower (9 s for that case); the
+callers in :mod:`ssip.evaluate.prior_quality` run it on one BLAS thread.
 
 Bias. With N points in D dimensions the sample covariance has rank at most N - 1; for N < D it is
 singular, and for any N the estimate of d^2 is biased upward, by roughly tr(C1 + C2) / N-ish
@@ -60,12 +69,33 @@ def _sqrtm_error(root: np.ndarray, a: np.ndarray) -> float:
     return float(np.linalg.norm(root @ root - a)) / denom
 
 
+def _psd_eigh(c: np.ndarray, psd_tol: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of a symmetric PSD matrix, rounding-level negative eigenvalues set to 0."""
+    w, v = np.linalg.eigh(0.5 * (c + c.T))
+    top = max(float(np.abs(w).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if w.min(initial=0.0) < -psd_tol * top:
+        raise FrechetError(f"frechet_distance: {what} has eigenvalue {w.min():.3g} (largest {top:.3g}); "
+                           "covariances must be symmetric positive semi-definite")
+    return np.clip(w, 0.0, None), v
+
+
+def _trace_term_eigh(cov1: np.ndarray, cov2: np.ndarray, psd_tol: float) -> float:
+    """tr(C1 + C2 - 2 (C1 C2)^{1/2}) via tr (C1^{1/2} C2 C1^{1/2})^{1/2}."""
+    w1, v1 = _psd_eigh(cov1, psd_tol, "cov1")
+    _psd_eigh(cov2, psd_tol, "cov2")
+    s1 = (v1 * np.sqrt(w1)) @ v1.T  # C1^{1/2}
+    e, _ = _psd_eigh(s1 @ cov2 @ s1, psd_tol, "C1^{1/2} C2 C1^{1/2}")
+    return float(np.trace(cov1) + np.trace(cov2) - 2 * np.sqrt(e).sum())
+
+
 def frechet_distance(
     mu1: np.ndarray,
     cov1: np.ndarray,
     mu2: np.ndarray,
     cov2: np.ndarray,
     *,
+    method: str = "eigh",
+    psd_tol: float = 1e-8,
     eps: float = 1e-6,
     max_error: float = 1e-3,
     imag_tol: float = 1e-3,
@@ -77,17 +107,23 @@ def frechet_distance(
     mu1, mu2 : ndarray, shape (D,)
     cov1, cov2 : ndarray, shape (D, D)
         Symmetric positive semi-definite covariances.
+    method : {"eigh", "sqrtm"}
+        How tr (C1 C2)^{1/2} is computed (see the module docstring).
+    psd_tol : float
+        method "eigh": eigenvalues down to -psd_tol times the largest are rounding and are set to
+        0; a more negative one means a covariance is not PSD and raises :class:`FrechetError`.
     eps : float
+        method "sqrtm":
         When the square root of C1 C2 is not finite or inaccurate (relative error above
         ``max_error``, which happens when the product is near-singular, e.g. for N <= D), it is
         recomputed for (C1 + eps s I)(C2 + eps s I), with s the mean diagonal of C1 and C2 (so
         eps is relative to the embeddings' scale), and eps grows tenfold up to three times.
     max_error : float
-        Largest accepted ||X X - A||_F / ||A||_F of the square root X of A = C1 C2.
+        method "sqrtm": largest accepted ||X X - A||_F / ||A||_F of the square root X of A = C1 C2.
     imag_tol : float
-        (C1 C2)^{1/2} is real in exact arithmetic (C1 C2 is similar to a PSD matrix); an imaginary
-        part of the diagonal up to ``imag_tol`` times the largest real diagonal entry is rounding
-        and is dropped; a larger one raises :class:`FrechetError`.
+        method "sqrtm": (C1 C2)^{1/2} is real in exact arithmetic (C1 C2 is similar to a PSD
+        matrix); an imaginary part of the diagonal up to ``imag_tol`` times the largest real
+        diagonal entry is rounding and is dropped; a larger one raises :class:`FrechetError`.
 
     Returns
     -------
@@ -104,6 +140,10 @@ def frechet_distance(
             raise ValueError(f"frechet_distance: {name} has shape {v.shape}, expected {shape} "
                              f"(mu1 has {d} dimensions)")
     diff = mu1 - mu2
+    if method == "eigh":
+        return max(float(diff @ diff) + _trace_term_eigh(cov1, cov2, psd_tol), 0.0)
+    if method != "sqrtm":
+        raise ValueError(f"frechet_distance: method={method!r}; use 'eigh' or 'sqrtm'")
     scale = float(np.trace(cov1) + np.trace(cov2)) / (2 * d)
     offset = 0.0
     for attempt in range(4):

@@ -35,6 +35,9 @@ class EvaluateConfig:
 
     vocoder: str = field("griffinlim", help="griffinlim | hifigan: mel -> audio for STOI and ASR")
     asr_model: str = field("tiny.en", help="Whisper for ASR WER/CER (tiny.en | base | none)")
+    asr_languages: dict[str, str] = field(
+        default_factory=dict, help="subject -> Whisper language code for subjects who do not "
+        "speak English (e.g. {sim05: fr}); their ASR uses the multilingual base model")
     chance_shifts: int = field(10, help="circular shifts for the mel-PCC chance level")
     figures_per_subject: int = field(3, help="trials per subject drawn as true vs decoded PNG")
     write_wavs: bool = field(True, help="write the vocoded audio of every decoded trial")
@@ -74,7 +77,8 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
                  vocoder=None, asr=None) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]]:
     """Per-trial metrics; returns (rows, vocoded audio by (method, subject/trial_id)).
 
-    ``asr`` is a callable list[ndarray audio] -> list[str], or None to skip ASR.
+    ``asr`` is a callable (list[ndarray audio], language or None) -> list[str], or None to
+    skip ASR; a subject's language comes from ``cfg.asr_languages``.
     """
     rows, audio_out = [], {}
     for d in decoded:
@@ -112,7 +116,11 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
     if asr is not None and audio_out:
         keys = [(r["method"], f"{r['subject']}/{r['trial_id']}", int(r["draw"])) for r in rows]
         heard = [k for k in keys if k in audio_out]
-        texts = dict(zip(heard, asr([audio_out[k] for k in heard]), strict=True))
+        texts = {}
+        for lang in sorted({cfg.asr_languages.get(k[1].split("/", 1)[0]) for k in heard},
+                           key=str):
+            part = [k for k in heard if cfg.asr_languages.get(k[1].split("/", 1)[0]) == lang]
+            texts.update(zip(part, asr([audio_out[k] for k in part], lang), strict=True))
         for r, k in zip(rows, keys, strict=True):
             t = texts.get(k)
             r["asr"] = t if t is not None else ""
@@ -211,10 +219,13 @@ def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
     if cfg.asr_model != "none":
         from ssip.models.whisper import load_whisper, transcribe
 
-        model, tok, spec = load_whisper(cfg.asr_model)
+        models = {None: load_whisper(cfg.asr_model)}
 
-        def asr(audios):
-            return transcribe(model, tok, audios, spec)
+        def asr(audios, language=None):
+            if language not in models:
+                models[language] = load_whisper("base")
+            model, tok, spec = models[language]
+            return transcribe(model, tok, audios, spec, language=language)
 
     log.info("scoring %d decoded trial(s) of %d subject(s)", len(decoded), len(subjects))
     rows, audio = score_trials(decoded, references, cfg, vocoder, asr)
@@ -253,7 +264,9 @@ def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
             fig_links.append((k, rel))
     lines = ["# ssip evaluation", "",
              f"Decoded: `{decoded_uri}`; reference: `{ingest_root}`; vocoder {cfg.vocoder}; "
-             f"ASR {cfg.asr_model}.", ""]
+             f"ASR {cfg.asr_model}"
+             + "".join(f"; {s}: base, language {lang}" for s, lang in sorted(cfg.asr_languages.items()))
+             + ".", ""]
     if leakage_note:
         lines += [f"**Leakage:** {leakage_note}", ""]
     lines += ["## Summary (mean per trial; subject * pools all subjects)", "", _markdown_table(summary), "",

@@ -785,8 +785,9 @@ def transcribe(
     inputs: str = "audio",
     batch_size: int = 8,
     max_new_tokens: int = 224,
+    language: str | None = None,
 ) -> list[str]:
-    """Greedy English transcription of clips of at most 30 s.
+    """Greedy transcription of clips of at most 30 s (English unless ``language`` is given).
 
     Parameters
     ----------
@@ -798,12 +799,23 @@ def transcribe(
         (80, T_i), T_i <= 3000; padded with the mel floor to 3000 frames.
     batch_size : int
         Clips per encoder/decoder batch; results do not depend on it beyond float rounding.
+    language : str or None
+        Whisper language code (``"fr"``, ``"it"``, ...) for a multilingual model: its token
+        replaces ``<|en|>`` in the prompt. None keeps the spec's English prompt.
 
     Returns
     -------
     list of str
         One stripped transcript per clip.
     """
+    if language is not None and language != "en":
+        if not spec.multilingual:
+            raise ValueError(f"transcribe: language={language!r} needs a multilingual Whisper "
+                             f"(e.g. 'base'); {spec.name!r} is English-only")
+        token = tokenizer.token_to_id(f"<|{language}|>")
+        if token is None:
+            raise ValueError(f"transcribe: Whisper has no language token <|{language}|>")
+        spec = dataclasses.replace(spec, prompt=(spec.prompt[0], token, *spec.prompt[2:]))
     if inputs == "audio":
         mels = list(mels_for_asr(audio_or_mels))
     elif inputs == "mel":
