@@ -64,12 +64,11 @@ def tensor_column(arrays: list[np.ndarray]) -> pa.ExtensionArray:
     return ArrowVariableShapedTensorArray.from_numpy([np.ascontiguousarray(a, np.float32) for a in arrays])
 
 
-def trials_table(rows: list[dict]) -> pa.Table:
-    """Build the trial table from row dicts with every key of TRIAL_COLUMNS (schema_version optional)."""
+def _table(columns: dict[str, tuple[object, str]], version: str, rows: list[dict]) -> pa.Table:
     cols = {}
-    for name, (tp, _) in TRIAL_COLUMNS.items():
+    for name, (tp, _) in columns.items():
         if name == "schema_version":
-            cols[name] = pa.array([SCHEMA_VERSION] * len(rows), pa.string())
+            cols[name] = pa.array([version] * len(rows), pa.string())
         elif tp == "tensor":
             cols[name] = tensor_column([r[name] for r in rows])
         else:
@@ -77,14 +76,19 @@ def trials_table(rows: list[dict]) -> pa.Table:
     return pa.table(cols)
 
 
+def _string_table(columns: dict[str, pa.DataType], version: str, rows: list[dict]) -> pa.Table:
+    return pa.table({name: pa.array([version if name == "schema_version" else
+                                     str(r.get(name, "") or "") for r in rows], tp)
+                     for name, tp in columns.items()})
+
+
+def trials_table(rows: list[dict]) -> pa.Table:
+    """Build the trial table from row dicts with every key of TRIAL_COLUMNS (schema_version optional)."""
+    return _table(TRIAL_COLUMNS, SCHEMA_VERSION, rows)
+
+
 def quarantine_table(rows: list[dict]) -> pa.Table:
-    cols = {}
-    for name, tp in QUARANTINE_COLUMNS.items():
-        if name == "schema_version":
-            cols[name] = pa.array([SCHEMA_VERSION] * len(rows), tp)
-        else:
-            cols[name] = pa.array([str(r.get(name, "") or "") for r in rows], tp)
-    return pa.table(cols)
+    return _string_table(QUARANTINE_COLUMNS, SCHEMA_VERSION, rows)
 
 
 # --- Speech corpora for the prior (ssip speech ingest) -------------------------------------------
@@ -127,22 +131,8 @@ SPEECH_QUARANTINE_COLUMNS: dict[str, pa.DataType] = {
 
 def speech_table(rows: list[dict]) -> pa.Table:
     """Build a speech shard from row dicts with every key of SPEECH_COLUMNS (schema_version optional)."""
-    cols = {}
-    for name, (tp, _) in SPEECH_COLUMNS.items():
-        if name == "schema_version":
-            cols[name] = pa.array([SPEECH_SCHEMA_VERSION] * len(rows), pa.string())
-        elif tp == "tensor":
-            cols[name] = tensor_column([r[name] for r in rows])
-        else:
-            cols[name] = pa.array([r[name] for r in rows], type=tp)
-    return pa.table(cols)
+    return _table(SPEECH_COLUMNS, SPEECH_SCHEMA_VERSION, rows)
 
 
 def speech_quarantine_table(rows: list[dict]) -> pa.Table:
-    cols = {}
-    for name, tp in SPEECH_QUARANTINE_COLUMNS.items():
-        if name == "schema_version":
-            cols[name] = pa.array([SPEECH_SCHEMA_VERSION] * len(rows), tp)
-        else:
-            cols[name] = pa.array([str(r.get(name, "") or "") for r in rows], tp)
-    return pa.table(cols)
+    return _string_table(SPEECH_QUARANTINE_COLUMNS, SPEECH_SCHEMA_VERSION, rows)
