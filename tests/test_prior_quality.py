@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -354,21 +352,22 @@ def test_cli_end_to_end_on_ingest_and_speech_roots(ingest_root, tmp_path, capsys
     for key in ("loss_per_bucket", "frechet", "frechet_floor"):
         assert results[1][key] == r[key]
 
-    # A speech-corpus root (card.json) goes through ssip.data.speech_corpus.load_speech.
+    # A speech-corpus root (card.json, shards of the speech schema) works the same way.
+    from ssip.data import schema
+    from ssip.storage import write_parquet
+
     speech = tmp_path / "speech"
-    write_json(str(speech / "card.json"), {"schema_version": "ssip-speech-v1"})
-    calls = []
-
-    def load_speech(root, columns=None):
-        calls.append(root)
-        return [{"utt_id": f"u{i}", "mel": m} for i, m in enumerate(test)]
-
-    monkeypatch.setitem(sys.modules, "ssip.data.speech_corpus",
-                        types.SimpleNamespace(load_speech=load_speech))
+    rows = [{"utt_id": f"u{i}", "source": "s", "speaker": "s:a", "language": "en",
+             "transcript": "", "license": "", "source_file": f"u{i}.wav", "source_rate": 16000,
+             "duration_s": m.shape[1] / 100, "n_frames": m.shape[1], "mel": m, "mel_version": "x"}
+            for i, m in enumerate(test)]
+    write_parquet(str(speech / "shards" / "a.parquet"), schema.speech_table(rows))
+    write_json(str(speech / "card.json"), {"schema_version": schema.SPEECH_SCHEMA_VERSION,
+                                           "shards": [{"path": "shards/a.parquet", "rows": 4}]})
     assert main(["evaluate-prior", p1, "--heldout", str(speech), "--n-samples", "6", "--steps", "2",
                  "--whisper", "tiny.en", "--n-loss-windows", "5"]) == 0
     text = capsys.readouterr().out
-    assert calls == [str(speech)] and "speech corpus" in text and "4 utterances" in text
+    assert "speech corpus" in text and "4 utterances" in text
     # Same held-out mels, seed and N: the same floor and losses as from the ingest root.
     row = text.strip().splitlines()[-1].split()
     assert float(row[-4]) == pytest.approx(r["frechet_floor"], abs=1e-3)
