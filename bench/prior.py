@@ -13,10 +13,10 @@ voice neither prior ever hears) with the same prior budget, likelihood and decod
 Printed per arm: the held-out denoising loss per noise-level bucket and the Whisper-Fréchet
 distance of unconditional samples (``ssip evaluate-prior``) against the held-out speech of each
 voice (the test-split trials' speech: Allison's of sim01-sim04 and June's of sim05), beside the
-real-versus-real floor; then DPS against the regression baselines on sim01 (the prompts' voice)
-and sim05 (the held-out voice), as bench/quality.py prints them.
+real-versus-real floor; then DPS against the regression baselines on sim05 (the held-out voice;
+``--subjects sim01 sim05`` adds the prompts' own voice), as bench/quality.py prints them.
 
-Run: ``.venv/bin/python bench/prior.py [--root runs/prior-bench] [--samples 12000]`` (about 1.5 h
+Run: ``.venv/bin/python bench/prior.py [--root runs/prior-bench] [--samples 6000]`` (about 1.2 h
 on 2 CPU cores; resumable: a re-run skips what is done and prints).
 """
 
@@ -56,10 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/prior-bench")
     p.add_argument("--config", default=str(ROOT / "configs" / "pipeline-quality.yaml"))
-    p.add_argument("--samples", type=int, default=12000, help="prior budget (windows seen), both arms")
+    p.add_argument("--samples", type=int, default=6000, help="prior budget (windows seen), both arms")
     p.add_argument("--draws", type=int, default=8, help="DPS posterior draws per trial")
-    p.add_argument("--n-eval", type=int, default=128, help="prior samples per Fréchet distance")
+    p.add_argument("--n-eval", type=int, default=64, help="prior samples per Fréchet distance")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--subjects", nargs="+", default=["sim05"],
+                   help="subjects to decode (sim05: the held-out voice; add sim01 for the "
+                        "prompts' own voice)")
     args = p.parse_args(argv)
 
     from quality import margins, table
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         assert ssip_main(["corpus", "build", str(corpus)]) == 0
     results = {}
     for arm in args.arms:
-        overrides = [f"source={corpus}", "subjects=[sim01, sim05]",
+        overrides = [f"source={corpus}", f"subjects=[{', '.join(args.subjects)}]",
                      f"prior.total_samples={args.samples}", f"decode.n_draws={args.draws}",
                      "decode.methods=[dps, linear, nn]",
                      *ARMS[arm]]
