@@ -53,11 +53,11 @@ def test_hash_changes_with_values():
 def test_every_config_file_loads():
     from ssip.data.ingest import IngestConfig
     from ssip.data.simulate import CorpusConfig
+    from ssip.data.speech_corpus import SpeechIngestConfig
     from ssip.decode import DecodeConfig
     from ssip.evaluate.report import EvaluateConfig
     from ssip.models.likelihood import LikelihoodConfig
     from ssip.models.prior import PriorConfig
-    from ssip.data.speech_corpus import SpeechIngestConfig
     from ssip.pipeline import PipelineConfig
 
     classes = {"corpus": CorpusConfig, "ingest": IngestConfig, "prior": PriorConfig,

@@ -1,7 +1,9 @@
 """`ssip train prior|likelihood|baseline INGEST OUT`: fit one model on an ingest dataset, save it.
 
 - ``prior``: the EDM mel prior on the mels of the TRAIN split of every subject (never on val or
-  test trials: a prior that has heard the evaluated utterances flatters DPS).
+  test trials: a prior that has heard the evaluated utterances flatters DPS), or on speech
+  corpora. ``--workers N`` (N >= 1, speech corpora only) streams the shards with Ray Data into N
+  Ray Train workers (:mod:`ssip.distributed.train_prior`); 0 trains in this process.
 - ``likelihood --subject S``: the forward model of one subject (train split fits, val picks the
   epoch and the noise sigma).
 - ``baseline --subject S --kind linear|nn``: a direct regression decoder of one subject (train
@@ -13,7 +15,7 @@ OUT is a checkpoint folder (local or s3://). ``ssip decode`` expects likelihoods
 
 from __future__ import annotations
 
-from ssip.commands._common import add_config_args, resolve_and_print
+from ssip.commands._common import add_config_args, add_ray_args, resolve_and_print
 
 
 def register(sub) -> None:
@@ -26,6 +28,16 @@ def register(sub) -> None:
                    "from `ssip speech ingest`; several are pooled, their sources weighted by "
                    "source_weights) or one ingest root (manifest.json); local or s3://")
     q.add_argument("out", help="checkpoint folder to write")
+    q.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="0 (default): train in this process; N >= 1: stream the speech shards "
+                        "with Ray Data into N Ray Train workers (DDP; speech corpus roots only; "
+                        "batch_size must be a multiple of N)")
+    q.add_argument("--cpus-per-worker", type=float, default=0.5,
+                   help="CPUs reserved per Ray Train worker (leave CPUs free for the Ray Data "
+                        "read tasks; default 0.5)")
+    q.add_argument("--storage-path", default=None,
+                   help="Ray Train run storage (default ~/ray_results; shared storage on a cluster)")
+    add_ray_args(q)
     add_config_args(q)
     q.set_defaults(func=_train_prior)
 
@@ -122,6 +134,10 @@ def _train_prior(args) -> int:
     cfg = resolve_and_print(PriorConfig, args)
     if cfg is None:
         return 0
+    if args.workers < 0:
+        raise ValueError(f"ssip train prior: --workers={args.workers} must be >= 0")
+    if args.workers >= 1:
+        return _train_prior_on_ray(args, cfg)
     mels, sources, info = prior_training_mels(args.ingest)
     p = source_probabilities([m.shape[1] for m in mels], sources, cfg.source_weights or None)
     mean, sigma_data = estimate_data_stats(mels)
@@ -132,6 +148,19 @@ def _train_prior(args) -> int:
     save_prior(args.out, model, cfg, ema=stats["ema"], stats=stats)
     print(f"prior: {stats['samples_seen']} windows from {len(mels)} {info['kind']} mel(s), loss "
           f"{stats['loss']:.4f}, {stats['samples_per_s']:.1f} samples/s -> {args.out}")
+    return 0
+
+
+def _train_prior_on_ray(args, cfg) -> int:
+    from ssip.distributed.train_prior import train_prior_on_ray
+
+    res = train_prior_on_ray(args.ingest, args.out, cfg, num_workers=args.workers,
+                             cpus_per_worker=args.cpus_per_worker, address=args.address,
+                             num_cpus=args.num_cpus, storage_path=args.storage_path)
+    m, data = res["metrics"], res["data"]
+    print(f"prior: {m.get('samples')} windows from {data['n_utterances']} speech utterance(s) on "
+          f"{res['workers']} Ray Train worker(s), loss {m.get('loss', float('nan')):.4f}, "
+          f"{m.get('samples_per_s', float('nan')):.1f} samples/s -> {args.out}")
     return 0
 
 

@@ -1,0 +1,15 @@
+"""`ray job submit -- python jobs/train_prior.py DATA... OUT --workers N [--set k=v] [--dry-run]`.
+
+Runs `ssip train prior` inside the job's driver, connected to the cluster the job was submitted
+to (Ray sets RAY_ADDRESS for job drivers): the speech shards stream through Ray Data into N Ray
+Train workers. Without --workers it trains in the driver process.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import run
+
+if __name__ == "__main__":
+    sys.exit(run(["train", "prior", *sys.argv[1:]]))
