@@ -55,6 +55,9 @@ class PipelineConfig:
     speech: DefaultSpeechConfig = field(default_factory=DefaultSpeechConfig,
                                         help="`ssip speech default` (prior_data: default)")
     prior: PriorConfig = field(default_factory=PriorConfig, help="`ssip train prior`")
+    prior_workers: int = field(0, help="Ray Train workers for the prior (0 = one process; N "
+                               "streams speech shards into N DDP workers, prior_data default or "
+                               "corpora)")
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig,
                                          help="`ssip train likelihood`, once per subject")
     linear: LinearDecoderConfig = field(default_factory=LinearDecoderConfig,
@@ -72,6 +75,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         check_option("decode_split", self.decode_split, ("train", "val", "test"))
         check_option("prior_data", self.prior_data, ("default", "trials", "corpora"))
+        check_range("prior_workers", self.prior_workers, 0, None)
         if (self.prior_data == "corpora") != bool(self.prior_corpora):
             raise ConfigError("prior_corpora lists the speech roots for prior_data: corpora (and "
                               f"only then); got prior_data={self.prior_data!r}, "
@@ -148,9 +152,12 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
     prior_cfg = cfg.prior
     if cfg.prior_data == "default" and not prior_cfg.source_weights:
         prior_cfg = dataclasses.replace(prior_cfg, source_weights=dict(DEFAULT_WEIGHTS))
-    steps.append(Step("prior", "prior", ["train", "prior", *data, j("prior"), "--config",
+    workers = ["--workers", str(cfg.prior_workers)] if cfg.prior_workers else []
+    steps.append(Step("prior", "prior", ["train", "prior", *data, j("prior"), *workers, "--config",
                                          _write_config(root, "prior", prior_cfg)],
-                      j("prior", "manifest.json"), h({"up": data_key, "cfg": h(prior_cfg)}),
+                      j("prior", "manifest.json"),
+                      h({"up": data_key, "cfg": h(prior_cfg), **({"workers": cfg.prior_workers}
+                                                                if cfg.prior_workers else {})}),
                       (data_dep,)))
     if subjects is None:
         return steps

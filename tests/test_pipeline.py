@@ -82,6 +82,11 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     with pytest.raises(ValueError, match="prior_corpora"):
         PipelineConfig(prior_data="default", prior_corpora=["/x"])
     cfg.prior_data, cfg.prior_corpora = "default", []
+    cfg.prior_workers = 2  # the prior on Ray Train
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    argv = steps[3].argv
+    assert argv[argv.index("--workers") + 1] == "2"
+    cfg.prior_workers = 0
     # No baselines asked for: no baseline steps and no --baselines-root.
     cfg.decode.methods = ["dps", "prior"]
     steps = plan(cfg, str(tmp_path), ["s1"])
