@@ -88,7 +88,7 @@ def test_asr_on_truth_transcribes_real_speech(tmp_path):
     rows, _ = score_trials([{"subject": "s", "trial_id": "t", "method": "truth", "mel": m}],
                            {("s", "t"): {"mel": m, "audio": audio[: m.shape[1] * 160], "transcript": text}},
                            EvaluateConfig(), get_vocoder("griffinlim"),
-                           lambda a: transcribe(model, tok, a, spec))
+                           lambda a, lang=None: transcribe(model, tok, a, spec))
     assert rows[0]["wer"] < 0.35, (rows[0]["asr"], text)
     assert rows[0]["wer"] == M.wer(text, rows[0]["asr"])
 
