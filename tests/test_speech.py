@@ -54,7 +54,8 @@ def test_read_asterisk_first_prompts():
     by_id = {u.utt_id: u for u in utts}
     u = by_id["asterisk-en/agent-loginok"]
     assert u.transcript == "Agent logged in."
-    assert (u.speaker, u.source, u.license) == ("asterisk-en-allison", "asterisk-en", "CC-BY-SA-3.0")
+    assert (u.speaker, u.source, u.license) == ("asterisk:allison", "asterisk-en", "CC-BY-SA-3.0")
+    assert u.speaker == speech.DEBIAN_VOICES["asterisk-en"].speaker
     for u in utts:
         name = u.utt_id.removeprefix("asterisk-en/")
         size = os.path.getsize(speech.ASTERISK_SOUNDS_DIR / f"{name}.g722")

@@ -108,7 +108,7 @@ DEBIAN_VOICES: dict[str, DebianVoice] = {v.source: v for v in [
                 "gsm", None, "Armelle Desjardins, 8 kHz GSM"),
 ]}
 
-ASTERISK_SPEAKER = "asterisk-en-allison"
+ASTERISK_SPEAKER = "asterisk:allison"  # as DEBIAN_VOICES["asterisk-en"]
 ASTERISK_LICENSE = "CC-BY-SA-3.0"
 POCKETSPHINX_LICENSE = "BSD-2-Clause"
 
@@ -130,7 +130,7 @@ class Utterance:
     transcript : str
         What is said, annotations removed.
     speaker : str
-        Speaker label, e.g. ``"asterisk-en-allison"``.
+        Speaker label, e.g. ``"asterisk:allison"``.
     source : str
         ``"asterisk-en"`` or ``"pocketsphinx"``.
     language : str
