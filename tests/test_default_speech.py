@@ -38,6 +38,7 @@ def test_sources_and_held_out_voice(built):
     assert {s: len(v) for s, v in by_source.items()} == expected
     assert info["per_source"] == expected
     assert "asterisk:june" not in {r["speaker"] for r in rows}
+    assert {r["language"] for r in rows if r["source"] == "espeak"} == {"en-US", "fr-FR"}
     assert info["heldout_speakers"] == ["asterisk:june"]
     assert len({r["utt_id"] for r in rows}) == len(rows)
     for r in rows:
@@ -72,3 +73,10 @@ def test_synthesised_audio_is_speech_length(built):
 def test_config_errors():
     with pytest.raises(ConfigError, match="'asterisk-de' is unknown"):
         DefaultSpeechConfig(heldout_voices=["asterisk-de"])
+
+
+def test_espeak_languages_are_the_voices_own():
+    from ssip.data.default_speech import espeak_language
+
+    assert [espeak_language(v) for v in ("fr-fr+f3", "it+m2", "en-gb-x-rp+f2", "es-419+m1")] == [
+        "fr-FR", "it", "en-GB-x-rp", "es-419"]

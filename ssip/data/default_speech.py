@@ -116,6 +116,14 @@ def _synth(cmd: list[str], out: Path) -> None:
                            f"{proc.stderr.decode(errors='replace').strip()[:300]}")
 
 
+def espeak_language(voice: str) -> str:
+    """BCP-47 tag of an espeak-ng voice name: ``"fr-fr+f3"`` -> ``"fr-FR"``, ``"it+m2"`` -> ``"it"``,
+    ``"en-gb-x-rp+f2"`` -> ``"en-GB-x-rp"``, ``"es-419+m1"`` -> ``"es-419"``."""
+    parts = voice.split("+", 1)[0].split("-")
+    return "-".join([parts[0].lower()] + [p.upper() if len(p) == 2 and i == 0 else p
+                                          for i, p in enumerate(parts[1:])])
+
+
 def _texts(voice: str, exclude: set[str]) -> list[tuple[str, str]]:
     # (utt_id, text) of a voice's prompts, never an excluded one.
     return [(uid, text) for uid, _, text in voice_prompts(voice) if uid not in exclude and text]
@@ -195,7 +203,7 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
                                     "Debian package espeak-ng or set espeak_voices: {}")
         for voice, text_voice in cfg.espeak_voices.items():
             pool = _texts(text_voice, exclude)
-            lang = DEBIAN_VOICES[text_voice].language
+            lang = espeak_language(voice)
             for i in rng.permutation(len(pool))[: cfg.synth_per_voice]:
                 uid, text = pool[i]
                 rel = Path("synth") / "espeak" / voice / f"{uid.replace('/', '__')}.wav"
