@@ -176,16 +176,21 @@ def resolve(cls: type[T], path: str | Path | None = None, overrides: typing.Sequ
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
-        data = _merge(data, loaded)
+        data = _merge(data, loaded, cls)
     data = apply_overrides(data, overrides)
     return from_dict(cls, data)
 
 
-def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], new: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """``new`` over ``base``: config sections (nested dataclasses) merge key by key; every other
+    value, a dict-valued field included (``source_weights: {}``), replaces the default whole."""
+    hints = typing.get_type_hints(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
     out = dict(base)
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        tp = hints.get(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and tp is not None \
+                and dataclasses.is_dataclass(tp):
+            out[k] = _merge(out[k], v, tp)
         else:
             out[k] = v
     return out

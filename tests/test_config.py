@@ -69,3 +69,21 @@ def test_every_config_file_loads():
         kind = f.stem.split("-")[0]
         assert kind in classes, f"{f.name}: name it <kind>-<variant>.yaml with kind in {sorted(classes)}"
         resolve(classes[kind], f)
+
+
+def test_yaml_dict_field_replaces_its_default(tmp_path):
+    """A dict-valued field (source_weights, espeak_voices) is a value, not a section: the YAML's
+    mapping replaces the default whole, so {} empties it; sections still merge key by key."""
+    from ssip.data.default_speech import DefaultSpeechConfig
+    from ssip.pipeline import PipelineConfig
+
+    f = tmp_path / "p.yaml"
+    f.write_text("speech:\n  espeak_voices: {}\n  synth_per_voice: 3\n"
+                 "evaluate:\n  asr_languages: {sim05: fr}\n")
+    cfg = resolve(PipelineConfig, f)
+    assert cfg.speech.espeak_voices == {} and cfg.speech.synth_per_voice == 3
+    assert cfg.speech.flite_voices == DefaultSpeechConfig().flite_voices  # untouched default
+    assert cfg.evaluate.asr_languages == {"sim05": "fr"}
+    g = tmp_path / "s.yaml"
+    g.write_text("espeak_voices: {it+m2: asterisk-it}\n")
+    assert resolve(DefaultSpeechConfig, g).espeak_voices == {"it+m2": "asterisk-it"}
