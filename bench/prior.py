@@ -55,6 +55,9 @@ def heldout_by_voice(ingest: str) -> dict[str, list]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/prior-bench")
+    p.add_argument("--corpus", default=None,
+                   help="the simulated corpus (default ROOT/corpus; another root's corpus lets a "
+                        "second budget reuse its ingest, likelihoods and baselines)")
     p.add_argument("--config", default=str(ROOT / "configs" / "pipeline-quality.yaml"))
     p.add_argument("--samples", type=int, default=6000, help="prior budget (windows seen), both arms")
     p.add_argument("--draws", type=int, default=8, help="DPS posterior draws per trial")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from ssip.pipeline import PipelineConfig, run
 
     root = Path(args.root)
-    corpus = root / "corpus"
+    corpus = Path(args.corpus) if args.corpus else root / "corpus"
     if not (corpus / "corpus.json").exists():
         assert ssip_main(["corpus", "build", str(corpus)]) == 0
     results = {}

@@ -55,6 +55,7 @@ def test_every_config_file_loads():
     from ssip.data.simulate import CorpusConfig
     from ssip.data.speech_corpus import SpeechIngestConfig
     from ssip.decode import DecodeConfig
+    from ssip.distributed.engine import RayTrainConfig
     from ssip.evaluate.report import EvaluateConfig
     from ssip.models.likelihood import LikelihoodConfig
     from ssip.models.prior import PriorConfig
@@ -62,7 +63,7 @@ def test_every_config_file_loads():
 
     classes = {"corpus": CorpusConfig, "ingest": IngestConfig, "prior": PriorConfig,
                "likelihood": LikelihoodConfig, "decode": DecodeConfig, "evaluate": EvaluateConfig,
-               "pipeline": PipelineConfig, "speech": SpeechIngestConfig}
+               "pipeline": PipelineConfig, "speech": SpeechIngestConfig, "train": RayTrainConfig}
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert files
     for f in files:

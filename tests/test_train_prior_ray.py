@@ -127,7 +127,9 @@ def test_window_dataset_weights_shapes_seeds_and_padding(ray_connected, two_sour
     assert len(second_pass) != len(x) or not np.allclose(key(second_pass), key(x))
 
 
-def test_ddp_step_equals_single_process_step_on_the_global_batch(ray_connected, tmp_path):
+def test_deepspeed_step_equals_single_process_step_on_the_global_batch(ray_connected, tmp_path):
+    """DeepSpeed ZeRO-1 on 2 gloo workers = one process on the global batch (same noise)."""
+    from ssip.distributed.engine import RayTrainConfig
     from ssip.distributed.train_prior import rank_seed, run_prior_trainer
     from ssip.models.prior import (
         EMA,
@@ -149,11 +151,13 @@ def test_ddp_step_equals_single_process_step_on_the_global_batch(ray_connected, 
             "local_batch_size": 2, "shuffle_buffer": 8, "out": str(tmp_path / "ddp"),
             "data": {"kind": "test"}, "unet": unet, "progress": False,
             "debug_batches": [[b[:2] for b in steps], [b[2:] for b in steps]]}
-    run_prior_trainer(loop, {}, num_workers=2, storage_path=str(tmp_path / "runs"))
+    run_prior_trainer(loop, {}, RayTrainConfig(workers=2, zero_stage=1,
+                                               storage_path=str(tmp_path / "runs")))
     model, manifest = load_prior(str(tmp_path / "ddp"))
     stats = manifest["extra"]["train_stats"]
     assert stats["samples_seen"] == 8 and stats["steps"] == 2
     assert manifest["extra"]["data"]["workers"] == 2
+    assert manifest["extra"]["data"]["zero_stage"] == 1
 
     def reference(ranks):
         """Single process: the global batch, each sample with the noise its rank drew."""
@@ -225,5 +229,5 @@ def test_cli_refuses_an_ingest_root_with_workers(tmp_path):
     write_json(str(tmp_path / "manifest.json"), {"recordings": []})
     with pytest.raises(FileNotFoundError, match=r"card\.json does not exist.*ingest root"):
         main(["train", "prior", str(tmp_path), str(tmp_path / "out"), "--workers", "2"])
-    with pytest.raises(ConfigError, match="multiple of num_workers"):
+    with pytest.raises(ConfigError, match="multiple of workers"):
         main(["train", "prior", str(tmp_path), str(tmp_path / "o"), "--workers", "3"])

@@ -5,7 +5,8 @@
   corpora. ``--workers N`` (N >= 1, speech corpora only) streams the shards with Ray Data into N
   Ray Train workers (:mod:`ssip.distributed.train_prior`); 0 trains in this process.
 - ``likelihood --subject S``: the forward model of one subject (train split fits, val picks the
-  epoch and the noise sigma).
+  epoch and the noise sigma). ``--workers N`` streams the subject's train trials with Ray Data
+  into N Ray Train workers (:mod:`ssip.distributed.train_likelihood`).
 - ``baseline --subject S --kind linear|nn``: a direct regression decoder of one subject (train
   split; the NN early-stops on val).
 
@@ -28,15 +29,8 @@ def register(sub) -> None:
                    "from `ssip speech ingest`; several are pooled, their sources weighted by "
                    "source_weights) or one ingest root (manifest.json); local or s3://")
     q.add_argument("out", help="checkpoint folder to write")
-    q.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="0 (default): train in this process; N >= 1: stream the speech shards "
-                        "with Ray Data into N Ray Train workers (DDP; speech corpus roots only; "
-                        "batch_size must be a multiple of N)")
-    q.add_argument("--cpus-per-worker", type=float, default=0.5,
-                   help="CPUs reserved per Ray Train worker (leave CPUs free for the Ray Data "
-                        "read tasks; default 0.5)")
-    q.add_argument("--storage-path", default=None,
-                   help="Ray Train run storage (default ~/ray_results; shared storage on a cluster)")
+    _add_ray_train_args(q, "stream the speech shards with Ray Data into N Ray Train workers "
+                           "(DeepSpeed; speech corpus roots only)")
     add_ray_args(q)
     add_config_args(q)
     q.set_defaults(func=_train_prior)
@@ -45,6 +39,9 @@ def register(sub) -> None:
     q.add_argument("ingest", help="ingest root (local or s3://)")
     q.add_argument("out", help="checkpoint folder to write (ssip decode reads ROOT/<subject>)")
     q.add_argument("--subject", required=True, help="subject label in the ingest dataset")
+    _add_ray_train_args(q, "stream the subject's train trials with Ray Data into N Ray Train "
+                           "workers (DeepSpeed)")
+    add_ray_args(q)
     add_config_args(q)
     q.set_defaults(func=_train_likelihood)
 
@@ -55,6 +52,25 @@ def register(sub) -> None:
     q.add_argument("--kind", required=True, choices=("linear", "nn"), help="which baseline")
     add_config_args(q)
     q.set_defaults(func=_train_baseline)
+
+
+def _add_ray_train_args(q, what: str) -> None:
+    q.add_argument("--workers", type=int, default=0, metavar="N",
+                   help=f"0 (default): train in this process; N >= 1: {what}; batch_size must be "
+                        f"a multiple of N")
+    q.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs reserved per Ray Train worker (leave CPUs free for the Ray Data "
+                        "read tasks; default 0.5)")
+    q.add_argument("--storage-path", default=None,
+                   help="run checkpoints: local folder or s3:// (default ~/ray_results; shared "
+                        "storage on a cluster)")
+    q.add_argument("--name", default=None,
+                   help="run name; re-running with the same name and storage path resumes")
+    q.add_argument("--ray-config", default=None, metavar="YAML",
+                   help="Ray Train settings (RayTrainConfig: DeepSpeed ZeRO stage, precision, "
+                        "checkpoint interval, failures; see configs/train-ray-*.yaml)")
+    q.add_argument("--ray-set", dest="ray_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a RayTrainConfig field, repeatable")
 
 
 def _subject_trials(ingest: str, subject: str) -> list[dict]:
@@ -131,13 +147,14 @@ def _train_prior(args) -> int:
         window_batches,
     )
 
+    if args.workers < 0:
+        raise ValueError(f"ssip train prior: --workers={args.workers} must be >= 0")
+    ray_cfg = _ray_train_config(args) if args.workers >= 1 else None
     cfg = resolve_and_print(PriorConfig, args)
     if cfg is None:
         return 0
-    if args.workers < 0:
-        raise ValueError(f"ssip train prior: --workers={args.workers} must be >= 0")
-    if args.workers >= 1:
-        return _train_prior_on_ray(args, cfg)
+    if ray_cfg is not None:
+        return _train_prior_on_ray(args, cfg, ray_cfg)
     mels, sources, info = prior_training_mels(args.ingest)
     p = source_probabilities([m.shape[1] for m in mels], sources, cfg.source_weights or None)
     mean, sigma_data = estimate_data_stats(mels)
@@ -151,24 +168,58 @@ def _train_prior(args) -> int:
     return 0
 
 
-def _train_prior_on_ray(args, cfg) -> int:
+def _ray_train_config(args):
+    """RayTrainConfig from --ray-config/--ray-set, then the shortcut flags; printed."""
+    from ssip.config import config_hash, resolve, to_yaml
+    from ssip.distributed.engine import RayTrainConfig
+
+    overrides = [*args.ray_overrides, f"workers={args.workers}"]
+    for flag, key in (("cpus_per_worker", "cpus_per_worker"), ("storage_path", "storage_path"),
+                      ("name", "name")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    ray_cfg = resolve(RayTrainConfig, args.ray_config, overrides)
+    print(f"# RayTrainConfig (hash {config_hash(ray_cfg)})")
+    print(to_yaml(ray_cfg), end="")
+    return ray_cfg
+
+
+def _train_prior_on_ray(args, cfg, ray_cfg) -> int:
     from ssip.distributed.train_prior import train_prior_on_ray
 
-    res = train_prior_on_ray(args.ingest, args.out, cfg, num_workers=args.workers,
-                             cpus_per_worker=args.cpus_per_worker, address=args.address,
-                             num_cpus=args.num_cpus, storage_path=args.storage_path)
+    res = train_prior_on_ray(args.ingest, args.out, cfg, ray_cfg, address=args.address,
+                             num_cpus=args.num_cpus)
     m, data = res["metrics"], res["data"]
+    resumed = f" (resumed at {m['resumed_from']})" if m.get("resumed_from") else ""
     print(f"prior: {m.get('samples')} windows from {data['n_utterances']} speech utterance(s) on "
-          f"{res['workers']} Ray Train worker(s), loss {m.get('loss', float('nan')):.4f}, "
-          f"{m.get('samples_per_s', float('nan')):.1f} samples/s -> {args.out}")
+          f"{res['workers']} Ray Train worker(s){resumed}, loss {m.get('loss') or float('nan'):.4f}, "
+          f"{m.get('samples_per_s') or float('nan'):.1f} samples/s, data wait "
+          f"{m.get('data_wait_s') or 0.0:.1f} s -> {args.out} (run {res['run_folder']})")
     return 0
 
 
 def _train_likelihood(args) -> int:
     from ssip.models.likelihood import LikelihoodConfig, save_likelihood, train_likelihood
 
+    if args.workers < 0:
+        raise ValueError(f"ssip train likelihood: --workers={args.workers} must be >= 0")
+    ray_cfg = _ray_train_config(args) if args.workers >= 1 else None
     cfg = resolve_and_print(LikelihoodConfig, args)
     if cfg is None:
+        return 0
+    if ray_cfg is not None:
+        from ssip.distributed.train_likelihood import train_likelihood_on_ray
+
+        res = train_likelihood_on_ray(args.ingest, args.subject, args.out, cfg, ray_cfg,
+                                      address=args.address, num_cpus=args.num_cpus)
+        stats = res["stats"]
+        resumed = (f" (resumed at {stats['resumed_from']} windows)"
+                   if stats.get("resumed_from") else "")
+        print(f"likelihood {args.subject}: val mse {stats['val_mse']:.4f}, val r "
+              f"{stats['val_r_mean']:.3f} (best epoch {stats['best_epoch']} of "
+              f"{stats['epochs']}) on {res['workers']} Ray Train worker(s){resumed}, "
+              f"{stats['samples_per_s']:.1f} windows/s, data wait {stats['data_wait_s']:.1f} s "
+              f"-> {args.out} (run {res['run_folder']})")
         return 0
     trials = _subject_trials(args.ingest, args.subject)
     model, stats = train_likelihood(trials, cfg)

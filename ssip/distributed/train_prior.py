@@ -32,32 +32,34 @@ Shuffling
 
 Training (:func:`prior_worker_loop`)
     Every worker builds the same :class:`~ssip.models.prior.EDMPrior` (data mean and sigma_data
-    estimated on the driver and passed in the loop config), wraps it in DDP
-    (``ray.train.torch.prepare_model``), reads its share of the windows
-    (``get_dataset_shard("train")``: Ray Train splits the stream into equal shares) in batches of
-    ``batch_size // num_workers``, and steps with :func:`ssip.models.prior.train_step` (DDP
-    averages the gradients, so a step equals a single-process step on the global batch). Noise
-    and sigma come from a generator seeded by (seed, rank). Samples are counted globally (local
-    batch x workers); learning rate, EMA and the stop at ``total_samples`` use that count, as in
-    :func:`ssip.models.prior.train_prior`. Metrics (loss per sigma quartile, all-reduced over
-    workers) go to ``ray.train.report`` every ``log_every_samples``. Rank 0 saves the EMA
-    weights with :func:`ssip.models.prior.save_prior`, so ``out`` must be storage that rank 0
-    can write and the caller can read (a local path on one machine, s3:// on a cluster).
-
-Periodic checkpoints, resume and DeepSpeed are not here yet: see the ``# Checkpoint hook``
-comment in :func:`run_worker`.
+    estimated on the driver and passed in the loop config) and wraps it in a DeepSpeed engine
+    (:mod:`ssip.distributed.engine`: ZeRO stage and precision from
+    :class:`~ssip.distributed.engine.RayTrainConfig`, a torch AdamW, gloo on CPU, NCCL on GPU),
+    reads its share of the windows (``get_dataset_shard("train")``: Ray Train splits the stream
+    into equal shares) in batches of ``batch_size // workers``, and steps with
+    :func:`ssip.models.prior.prior_loss` (DeepSpeed averages the gradients and clips their global
+    norm, so a step equals a single-process step on the global batch). Noise and sigma come from
+    a generator seeded by (seed, rank). Samples are counted globally (local batch x workers);
+    learning rate, EMA and the stop at ``total_samples`` use that count, as in
+    :func:`ssip.models.prior.train_prior`. Every ``log_every_samples`` the loss per sigma quartile
+    (all-reduced), samples/s and the time spent waiting on data go to Ray's metrics and the run's
+    ``metrics.jsonl``; every ``checkpoint_every_samples`` all ranks save a run checkpoint (DeepSpeed
+    state, EMA, RNG, samples seen, configs, inference weights), from which a re-run with the same
+    run name, or Ray Train after a worker died, resumes. At the end rank 0 saves the EMA weights
+    with :func:`ssip.models.prior.save_prior` to ``out`` (storage that rank 0 can write and the
+    caller can read: a local path on one machine, s3:// on a cluster).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import sys
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +67,13 @@ import numpy as np
 
 from ssip import storage
 from ssip.config import ConfigError, from_dict
+from ssip.distributed.engine import (
+    all_reduce,
+    endless_batches,
+    fresh_run_name,
+    kill_hook,
+    rank_seed,
+)
 from ssip.models.prior import (
     EMA,
     EDMPrior,
@@ -72,11 +81,11 @@ from ssip.models.prior import (
     ema_beta,
     estimate_data_stats,
     learning_rate,
+    prior_loss,
     random_windows,
     save_prior,
     sigma_quartile_edges,
     source_probabilities,
-    train_step,
 )
 
 log = logging.getLogger(__name__)
@@ -186,7 +195,10 @@ def corpus_index(roots: str | Sequence[str], cfg: PriorConfig) -> CorpusIndex:
     p = source_probabilities(n, sources, cfg.source_weights or None)
     src = np.asarray(sources)
     per_frame = {s: float(p[src == s].sum() / n[src == s].sum()) for s in sorted(set(sources))}
+    data_hash = hashlib.sha256(json.dumps([uris, int(n.sum()), len(lengths),
+                                           sorted(set(sources))]).encode()).hexdigest()[:12]
     info: dict[str, Any] = {"kind": "speech", "root": ",".join(roots), "n_utterances": len(lengths),
+                            "data_hash": data_hash,
                             "n_speakers": len(speakers), "n_shards": len(uris),
                             "n_frames": int(n.sum()),
                             "per_source": {s: sources.count(s) for s in sorted(set(sources))}}
@@ -224,7 +236,7 @@ def data_stats(uris: Sequence[str], *, max_frames: int = 500_000, seed: int = 0
 # Ray Data: windows cut on the fly.
 
 
-def _utt_key(utt_id: str) -> list[int]:
+def stable_key(utt_id: str) -> list[int]:
     # Stable across processes (Python's hash() is salted per process).
     return np.frombuffer(hashlib.blake2b(utt_id.encode(), digest_size=8).digest(), np.uint32).tolist()
 
@@ -261,7 +273,7 @@ def cut_windows(batch: dict[str, np.ndarray], *, window: int, windows_per_epoch:
     n_mels = None
     for utt, src, n, mel in zip(batch["utt_id"], batch["source"], batch["n_frames"], batch["mel"],
                                 strict=True):
-        rng = np.random.default_rng([epoch_seed, pass_index, *_utt_key(str(utt))])
+        rng = np.random.default_rng([epoch_seed, pass_index, *stable_key(str(utt))])
         k = int(rng.poisson(windows_per_epoch * per_frame.get(str(src), 0.0) * int(n)))
         mel = np.asarray(mel, np.float32)  # (80, T)
         n_mels = mel.shape[0]
@@ -319,98 +331,121 @@ def window_dataset(roots: str | Sequence[str], cfg: PriorConfig, *, windows_per_
 # Ray Train: the per-worker loop.
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of the noise/sigma generator of worker ``rank`` (different on every worker)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+@dataclass
+class WorkerHooks:
+    """What :func:`run_worker` calls besides training (all optional).
+
+    ``report(metrics)`` every log interval without a checkpoint (collective: every rank calls);
+    ``checkpoint(state, metrics)`` at a checkpoint interval instead of ``report``
+    (collective); ``metrics``: a :class:`~ssip.distributed.engine.TrainMetrics`;
+    ``after_step(samples_seen)``: test hook (e.g. kill this worker).
+    """
+
+    report: Any = None
+    checkpoint: Any = None
+    metrics: Any = None
+    after_step: Any = None
+    checkpoint_every: int = 0
 
 
-def _epoch_batches(shard, local_batch: int, shuffle_buffer: int, seed: int) -> Iterator:
-    """Endless local batches (B, 80, W) from a dataset shard, one pass (epoch) after another."""
-    epoch = 0
-    while True:
-        n = 0
-        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True,
-                                              local_shuffle_buffer_size=shuffle_buffer,
-                                              local_shuffle_seed=seed + epoch):
-            n += 1
-            yield batch["x"]
-        if n == 0:
-            raise ValueError(f"prior training: epoch {epoch} gave no full batch of {local_batch} "
-                             f"windows on this worker; raise windows_per_epoch")
-        epoch += 1
-
-
-def _all_reduce(t, op: str = "sum"):
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
-    return t
-
-
-def run_worker(model, batches: Iterable, cfg: PriorConfig, *, rank: int, world_size: int,
-               report=None, progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` (DDP-wrapped or plain) on local batches until ``cfg.total_samples`` windows
+def run_worker(engine, net, batches: Iterable, cfg: PriorConfig, *, rank: int, world_size: int,
+               generator, ema: EMA, resume: dict[str, Any] | None = None,
+               hooks: WorkerHooks | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train with a DeepSpeed ``engine`` on local batches until ``cfg.total_samples`` windows
     have been seen by all workers together.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The prior, wrapped in DDP when ``world_size > 1``.
+    engine : deepspeed.DeepSpeedEngine
+        Wraps ``net`` (forward, backward, step; gradients averaged over ranks, clipped globally).
+    net : EDMPrior
+        The module inside the engine (the EMA follows it).
     batches : iterable of Tensor (B, 80, T) or (B, 1, 80, T)
         This worker's batches; every worker must use the same B. The run stops when any worker
         runs out.
     cfg : PriorConfig
     rank, world_size : int
-    report : callable, optional
-        ``report(metrics: dict)``, called on every worker every ``log_every_samples`` and at the
-        end (``ray.train.report`` is collective).
+    generator : torch.Generator
+        This rank's noise/sigma generator (restored on resume).
+    ema : EMA
+    resume : dict, optional
+        State of the checkpoint resumed from (``samples_seen``, ``steps``, ``history``,
+        ``data_wait_s``).
+    hooks : WorkerHooks, optional
 
     Returns
     -------
     dict
         As :func:`ssip.models.prior.train_prior`: ``samples_seen`` (global), ``steps``,
         ``seconds``, ``samples_per_s``, ``loss``, ``loss_by_sigma_quartile``,
-        ``sigma_quartile_edges``, ``history``, ``lr``, ``ema``.
+        ``sigma_quartile_edges``, ``history``, ``lr``, ``data_wait_s``, ``resumed_from``.
     """
     import torch
 
-    net = model.module if hasattr(model, "module") else model
+    from ssip.distributed.engine import set_lr
+
+    hooks = hooks or WorkerHooks()
     device = next(net.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, rank))
-    ema = EMA(net)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
-                                  weight_decay=cfg.weight_decay)
     edges = torch.tensor(sigma_quartile_edges(cfg.p_mean, cfg.p_std))
     buckets = torch.zeros(2, 4, dtype=torch.float64)  # (sum of loss, count) per sigma quartile
-    history: list[dict[str, Any]] = []
-    samples_seen, steps, next_log, lr = 0, 0, cfg.log_every_samples, 0.0
+    resume = resume or {}
+    history: list[dict[str, Any]] = list(resume.get("history", []))
+    samples_seen, steps = int(resume.get("samples_seen", 0)), int(resume.get("steps", 0))
+    wait = float(resume.get("data_wait_s", 0.0))  # seconds this rank waited for a batch
+    seconds_before = float(resume.get("seconds", 0.0))
+    every = cfg.log_every_samples
+    next_log = (samples_seen // every + 1) * every
+    ckpt_every = hooks.checkpoint_every or every
+    next_ckpt = (samples_seen // ckpt_every + 1) * ckpt_every
+    lr = learning_rate(samples_seen, cfg)
     start = time.perf_counter()
+    start_samples = samples_seen
     it = iter(batches)
+    bar = None
+    if progress and rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
 
-    def log() -> None:
-        total = _all_reduce(buckets.clone())  # global loss over all workers' samples
+        bar = tqdm(total=cfg.total_samples, desc=f"prior x{world_size}", unit="windows")
+        bar.update(samples_seen)
+
+    def state() -> dict[str, Any]:
+        return {"samples_seen": samples_seen, "steps": steps, "world_size": world_size,
+                "history": history, "data_wait_s": wait,
+                "seconds": seconds_before + time.perf_counter() - start,
+                "prior": dataclasses.asdict(cfg)}
+
+    def emit(final: bool = False) -> None:
+        nonlocal next_ckpt
+        total = all_reduce(buckets.clone())  # global loss over all workers' samples
         by_q = (total[0] / total[1].clamp_min(1)).tolist()
         row = {"samples": samples_seen, "steps": steps,
                "loss": float(total[0].sum() / total[1].sum().clamp_min(1)),
-               "loss_by_sigma_quartile": by_q, "lr": lr, "seconds": time.perf_counter() - start}
+               "loss_by_sigma_quartile": by_q, "lr": lr,
+               "seconds": seconds_before + time.perf_counter() - start}
+        if hooks.metrics is not None:
+            row = hooks.metrics.log(row, samples_seen=samples_seen, data_wait_s=wait)
         history.append(row)
         if progress and rank == 0:
             q = " ".join(f"{v:.3f}" for v in by_q)
             print(f"[prior x{world_size}] {samples_seen:>9d} samples  loss {row['loss']:.4f}  by "
-                  f"sigma quartile [{q}]  lr {lr:.2e}  {samples_seen / row['seconds']:.1f} "
-                  f"samples/s", file=sys.stderr, flush=True)
-        # Checkpoint hook: periodic checkpoints + resume (the distributed-training issue) go
-        # here: every rank saves its part and passes the checkpoint to report().
-        if report is not None:
-            report({k: row[k] for k in ("samples", "steps", "loss", "lr", "seconds")}
-                   | {f"loss_q{i + 1}": v for i, v in enumerate(by_q)})
+                  f"sigma quartile [{q}]  lr {lr:.2e}  "
+                  f"{(samples_seen - start_samples) / max(time.perf_counter() - start, 1e-9):.1f} "
+                  f"samples/s  data wait {wait:.1f} s", file=sys.stderr, flush=True)
+        metrics = {k: row[k] for k in ("samples", "steps", "loss", "lr", "seconds")} | {
+            f"loss_q{i + 1}": v for i, v in enumerate(by_q)}
+        if hooks.checkpoint is not None and (final or samples_seen >= next_ckpt):
+            hooks.checkpoint(state(), metrics)
+            next_ckpt = (samples_seen // ckpt_every + 1) * ckpt_every
+        elif hooks.report is not None:
+            hooks.report(metrics)
         buckets.zero_()
 
     while samples_seen < cfg.total_samples:
+        t0 = time.perf_counter()
         x0 = next(it, None)
+        wait += time.perf_counter() - t0
         # Stop together: a worker without a batch would leave the others waiting in all-reduce.
-        if int(_all_reduce(torch.tensor([0 if x0 is None else 1]), "min")) == 0:
+        if int(all_reduce(torch.tensor([0 if x0 is None else 1]), "min")) == 0:
             if rank == 0:
                 log.warning("prior training: a worker ran out of batches at %d of %d samples",
                             samples_seen, cfg.total_samples)
@@ -418,9 +453,10 @@ def run_worker(model, batches: Iterable, cfg: PriorConfig, *, rank: int, world_s
         x0 = torch.as_tensor(x0, dtype=torch.float32)
         x0 = (x0[:, None] if x0.ndim == 3 else x0).to(device)  # (B, 1, 80, T)
         lr = learning_rate(samples_seen, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        per_sample, sigma = train_step(model, optimizer, x0, generator, cfg)
+        set_lr(engine, lr)
+        loss, per_sample, sigma = prior_loss(engine, x0, generator, cfg, lr=lr)
+        engine.backward(loss)
+        engine.step()
         global_batch = x0.shape[0] * world_size
         samples_seen += global_batch
         steps += 1
@@ -429,80 +465,121 @@ def run_worker(model, batches: Iterable, cfg: PriorConfig, *, rank: int, world_s
         bucket = torch.bucketize(sigma.cpu(), edges)  # 0..3, low to high sigma
         buckets[0].index_add_(0, bucket, per_sample.cpu().double())
         buckets[1].index_add_(0, bucket, torch.ones_like(per_sample.cpu(), dtype=torch.float64))
-        if samples_seen >= next_log:
-            log()
-            next_log += cfg.log_every_samples
-    if int(_all_reduce(buckets[1].sum().reshape(1).clone())) > 0:
-        log()
-    seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.update(global_batch)
+        if samples_seen >= next_log or samples_seen >= cfg.total_samples:
+            emit(final=samples_seen >= cfg.total_samples)
+            next_log = (samples_seen // every + 1) * every
+        if hooks.after_step is not None:
+            hooks.after_step(samples_seen)
+    if int(all_reduce(buckets[1].sum().reshape(1).clone())) > 0:
+        emit(final=True)
+    if bar is not None:
+        bar.close()
+    seconds = seconds_before + time.perf_counter() - start
     last = history[-1] if history else {"loss": float("nan"), "loss_by_sigma_quartile": [float("nan")] * 4}
     return {"samples_seen": samples_seen, "steps": steps, "seconds": seconds,
-            "samples_per_s": samples_seen / max(seconds, 1e-9), "loss": last["loss"],
-            "loss_by_sigma_quartile": last["loss_by_sigma_quartile"],
-            "sigma_quartile_edges": edges.tolist(), "history": history, "lr": lr, "ema": ema}
+            "samples_per_s": (samples_seen - start_samples) / max(time.perf_counter() - start, 1e-9),
+            "loss": last["loss"], "loss_by_sigma_quartile": last["loss_by_sigma_quartile"],
+            "sigma_quartile_edges": edges.tolist(), "history": history, "lr": lr,
+            "data_wait_s": wait, "resumed_from": start_samples or None}
 
 
 def prior_worker_loop(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``: everything it needs comes from ``config``.
 
-    Keys: ``prior`` (PriorConfig as a dict), ``data_mean`` (80 floats), ``sigma_data``,
-    ``local_batch_size``, ``shuffle_buffer``, ``out``, ``data`` (info saved with the model),
-    ``unet`` (EDMPrior overrides, optional), ``progress``, and ``debug_batches`` (optional: per
-    rank, a list of arrays (B, 80, T) used instead of the dataset shard; for tests that compare a
-    distributed step with a single-process one).
+    Keys: ``prior`` (PriorConfig as a dict), ``ray`` (RayTrainConfig as a dict), ``run`` (run
+    name), ``data_mean`` (80 floats), ``sigma_data``, ``local_batch_size``, ``out``, ``data``
+    (info saved with the model), ``unet`` (EDMPrior overrides, optional), ``progress``,
+    ``debug_batches`` (optional: per rank, a list of arrays (B, 80, T) used instead of the
+    dataset shard; for tests that compare a distributed step with a single-process one) and
+    ``debug_kill`` (optional, see :func:`ssip.distributed.engine.kill_hook`).
     """
     import ray.train
     import torch
-    from ray.train.torch import prepare_model
+
+    from ssip.distributed.engine import (
+        RayTrainConfig,
+        TrainMetrics,
+        build_engine,
+        load_run_checkpoint,
+        run_folder,
+        save_run_checkpoint,
+    )
 
     cfg = from_dict(PriorConfig, config["prior"])
+    ray_cfg = from_dict(RayTrainConfig, config["ray"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP also broadcasts)
+    device = ray.train.torch.get_device() if ray_cfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     net = EDMPrior(cfg.preset, sigma_data=config["sigma_data"], data_mean=config["data_mean"],
-                   **config.get("unet", {}))
-    model = prepare_model(net, parallel_strategy="ddp")
+                   **config.get("unet", {})).to(device)
+    ema = EMA(net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                  weight_decay=cfg.weight_decay)
+    engine = build_engine(net, optimizer, ray_cfg, local_batch=config["local_batch_size"],
+                          grad_clip=cfg.grad_clip)
+    generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, rank))
+    restored = load_run_checkpoint(engine, rank=rank, world_size=world_size, generator=generator,
+                                   tensors=("ema",))
+    resume = None
+    if restored is not None:
+        resume, tensors = restored
+        ema.model.load_state_dict(tensors["ema"])
     debug = config.get("debug_batches")
     if debug is not None:
         batches: Iterable = [torch.as_tensor(np.asarray(b, np.float32)) for b in debug[rank]]
+        if resume:  # the same stream, without the batches already trained on
+            batches = list(batches)[int(resume["steps"]):]
     else:
-        batches = _epoch_batches(ray.train.get_dataset_shard("train"), config["local_batch_size"],
-                                 config["shuffle_buffer"], rank_seed(cfg.seed, rank))
-    stats = run_worker(model, batches, cfg, rank=rank, world_size=world_size,
-                       report=ray.train.report, progress=config.get("progress", True))
+        batches = (b["x"] for b in endless_batches(
+            ray.train.get_dataset_shard("train"), config["local_batch_size"],
+            ray_cfg.shuffle_buffer, rank_seed(cfg.seed, rank), what="prior training"))
+    metrics = TrainMetrics("prior", config["run"], run_folder(ray_cfg, config["run"]), rank)
+    if resume:
+        metrics.resume_at(int(resume["samples_seen"]), float(resume.get("data_wait_s", 0.0)))
+
+    def export(folder: str, state: dict[str, Any]) -> None:
+        # Inference weights in every checkpoint: the EMA as safetensors + manifest.
+        stats = {"samples_seen": state["samples_seen"], "steps": state["steps"],
+                 "seconds": state["seconds"], "data": {**config.get("data", {}),
+                                                       "workers": world_size}}
+        save_prior(folder, net, cfg, ema=ema, stats=stats)
+
+    def checkpoint(state: dict[str, Any], row: dict[str, Any]) -> None:
+        state = {**state, "ray": dataclasses.asdict(ray_cfg), "run": config["run"]}
+        save_run_checkpoint(engine, rank=rank, generator=generator, state=state, metrics=row,
+                            tensors={"ema": ema.model.state_dict()}, export=export)
+
+    from ssip.distributed.engine import checkpoint_interval
+
+    hooks = WorkerHooks(report=ray.train.report, checkpoint=checkpoint, metrics=metrics,
+                        after_step=kill_hook(config.get("debug_kill"), rank),
+                        checkpoint_every=checkpoint_interval(ray_cfg, cfg.log_every_samples))
+    stats = run_worker(engine, net, batches, cfg, rank=rank, world_size=world_size,
+                       generator=generator, ema=ema, resume=resume, hooks=hooks,
+                       progress=config.get("progress", True))
     if rank == 0:
-        stats["data"] = {**config.get("data", {}), "workers": world_size}
+        stats["data"] = {**config.get("data", {}), "workers": world_size,
+                         "zero_stage": ray_cfg.zero_stage,
+                         "precision": ray_cfg.resolved_precision(), "run": config["run"]}
         stats["workers"] = world_size
-        save_prior(config["out"], net, cfg, ema=stats["ema"], stats=stats)
+        save_prior(config["out"], net, cfg, ema=ema, stats=stats)
     # Every rank reports once more after the save, so the run ends only when the model is written.
     ray.train.report({"samples": stats["samples_seen"], "steps": stats["steps"], "loss": stats["loss"],
                       "samples_per_s": stats["samples_per_s"], "saved": True})
 
 
-def run_prior_trainer(loop_config: dict[str, Any], datasets: dict, *, num_workers: int,
-                      cpus_per_worker: float = 0.5, storage_path: str | None = None,
-                      name: str | None = None):
-    """Run :func:`prior_worker_loop` on ``num_workers`` CPU workers (TorchTrainer, gloo).
+def run_prior_trainer(loop_config: dict[str, Any], datasets: dict, ray_cfg=None):
+    """Run :func:`prior_worker_loop` on ``ray_cfg.workers`` workers (TorchTrainer + DeepSpeed).
 
-    Returns the ``ray.train.Result`` (in Ray Train V2 its ``metrics`` are None unless a
-    checkpoint was reported; the trained model's numbers are in the saved manifest).
+    ``loop_config["run"]`` names the run (resumed when ``storage_path/run`` holds checkpoints).
+    Returns the ``ray.train.Result``.
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ssip.distributed.engine import run_trainer
 
-    # A fresh run name: Ray Train V2 resumes a run given the same storage_path and name, which is
-    # the resume hook the distributed-training issue will use.
-    name = name or f"ssip-prior-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    trainer = TorchTrainer(
-        prior_worker_loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path),
-        datasets=datasets,
-    )
-    return trainer.fit()
+    return run_trainer(prior_worker_loop, loop_config, datasets, ray_cfg, model="prior")
 
 
 def default_windows_per_epoch(n_frames: int, cfg: PriorConfig) -> int:
@@ -512,70 +589,65 @@ def default_windows_per_epoch(n_frames: int, cfg: PriorConfig) -> int:
     return max(4 * cfg.batch_size, min(coverage, cfg.total_samples))
 
 
-def train_prior_on_ray(roots: str | Sequence[str], out: str, cfg: PriorConfig, *, num_workers: int = 2,
-                       cpus_per_worker: float = 0.5, address: str | None = None,
-                       num_cpus: int | None = None, storage_path: str | None = None,
-                       windows_per_epoch: int | None = None, shuffle_buffer: int = 1024,
+def train_prior_on_ray(roots: str | Sequence[str], out: str, cfg: PriorConfig, ray_cfg=None, *,
+                       address: str | None = None, num_cpus: int | None = None,
                        max_stats_frames: int = 500_000, unet: dict[str, Any] | None = None,
-                       progress: bool = True) -> dict[str, Any]:
-    """Train the mel prior on speech corpora with Ray Data + Ray Train, save it to ``out``.
+                       progress: bool = True, debug_kill: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """Train the mel prior on speech corpora with Ray Data + Ray Train + DeepSpeed, save it.
 
     Parameters
     ----------
     roots : str or sequence of str
         Speech corpus roots (``card.json``), pooled and weighted by ``cfg.source_weights``.
     out : str
-        Checkpoint folder, written by rank 0 (must be reachable from the workers' nodes).
+        Inference checkpoint folder (safetensors + manifest), written by rank 0 at the end (must
+        be reachable from the workers' nodes: a local path on one machine, s3:// on a cluster).
     cfg : PriorConfig
-        ``batch_size`` is the global batch; it must be a multiple of ``num_workers``.
-    num_workers : int
-        Ray Train workers (DDP ranks).
-    cpus_per_worker : float
-        CPUs reserved per worker; keep at least one CPU of the cluster free for the Ray Data read
-        tasks (on 2 CPUs: 2 workers x 0.5).
+        ``batch_size`` is the global batch; it must be a multiple of ``ray_cfg.workers``.
+    ray_cfg : RayTrainConfig, optional
+        Workers, DeepSpeed, run storage and name (the same name resumes), failure restarts.
     address, num_cpus
         Ray cluster to join (default $RAY_ADDRESS) or CPUs of an embedded local Ray.
-    storage_path : str, optional
-        Ray Train run storage (default ~/ray_results; shared storage such as s3:// on a cluster).
-    windows_per_epoch : int, optional
-        Windows per pass over the corpus (default :func:`default_windows_per_epoch`).
-    shuffle_buffer : int
-        Windows in each worker's local shuffle buffer.
     max_stats_frames : int
         Frames read on the driver to estimate the data mean and sigma_data.
     unet : dict, optional
         :class:`~ssip.models.prior.EDMPrior` overrides (e.g. ``{"channels": 8}`` in tests).
+    debug_kill : dict, optional
+        Test hook: SIGKILL one worker once (see :func:`ssip.distributed.engine.kill_hook`).
 
     Returns
     -------
     dict
-        ``out``, ``workers``, ``windows_per_epoch``, ``data`` (saved in the checkpoint too),
-        ``metrics`` (samples, steps, loss, loss_by_sigma_quartile, samples_per_s of the saved
-        model; ``run``: the Ray Train run folder).
+        ``out``, ``workers``, ``windows_per_epoch``, ``run`` (name), ``run_folder``, ``data``
+        (saved in the checkpoint too), ``metrics`` (samples, steps, loss,
+        loss_by_sigma_quartile, samples_per_s, data_wait_s, resumed_from of the saved model).
     """
+    from ssip.distributed.engine import RayTrainConfig, run_folder
     from ssip.distributed.runtime import init_ray
 
-    if num_workers < 1:
-        raise ValueError(f"num_workers={num_workers} must be >= 1")
-    if cfg.batch_size % num_workers:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of num_workers="
-                          f"{num_workers} (each worker takes batch_size / num_workers windows)")
+    ray_cfg = ray_cfg or RayTrainConfig()
+    if cfg.batch_size % ray_cfg.workers:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of workers="
+                          f"{ray_cfg.workers} (each worker takes batch_size / workers windows)")
     roots = _as_roots(roots)
     index = corpus_index(roots, cfg)
     mean, sigma_data, stats_frames = data_stats(index.uris, max_frames=max_stats_frames, seed=cfg.seed)
-    wpe = windows_per_epoch or default_windows_per_epoch(index.n_frames, cfg)
+    wpe = ray_cfg.windows_per_epoch or default_windows_per_epoch(index.n_frames, cfg)
     data = {**index.info, "windows_per_epoch": wpe, "stats_frames": stats_frames}
-    log.info("prior on Ray: %d utterance(s) in %d shard(s), %d worker(s), %d windows per epoch, "
-             "sigma_data %.3f", index.info["n_utterances"], len(index.uris), num_workers, wpe, sigma_data)
+    name = ray_cfg.name or fresh_run_name("prior")
+    log.info("prior on Ray: %d utterance(s) in %d shard(s), %d worker(s), ZeRO %d, %s, %d windows "
+             "per epoch, sigma_data %.3f, run %s", index.info["n_utterances"], len(index.uris),
+             ray_cfg.workers, ray_cfg.zero_stage, ray_cfg.resolved_precision(), wpe, sigma_data,
+             run_folder(ray_cfg, name))
     loop_config = {"prior": dataclasses.asdict(cfg), "data_mean": mean.tolist(),
-                   "sigma_data": sigma_data, "local_batch_size": cfg.batch_size // num_workers,
-                   "shuffle_buffer": shuffle_buffer, "out": str(out), "data": data,
-                   "unet": dict(unet or {}), "progress": progress}
+                   "sigma_data": sigma_data, "local_batch_size": cfg.batch_size // ray_cfg.workers,
+                   "out": str(out), "data": data, "unet": dict(unet or {}), "progress": progress,
+                   "run": name, "debug_kill": debug_kill}
     embedded = init_ray(address, num_cpus)
     try:
         ds = window_dataset(roots, cfg, windows_per_epoch=wpe, epoch_seed=cfg.seed, index=index)
-        result = run_prior_trainer(loop_config, {"train": ds}, num_workers=num_workers,
-                                   cpus_per_worker=cpus_per_worker, storage_path=storage_path)
+        run_prior_trainer(loop_config, {"train": ds}, ray_cfg)
     finally:
         if embedded:
             import ray
@@ -585,9 +657,9 @@ def train_prior_on_ray(roots: str | Sequence[str], out: str, cfg: PriorConfig, *
     from ssip.models.checkpoint import read_manifest
 
     stats = read_manifest(str(out)).get("extra", {}).get("train_stats", {})
-    metrics = {"samples": stats.get("samples_seen"), "steps": stats.get("steps"),
-               "loss": stats.get("loss"), "samples_per_s": stats.get("samples_per_s"),
-               "loss_by_sigma_quartile": stats.get("loss_by_sigma_quartile"),
-               "run": getattr(result, "path", None)}
-    return {"out": str(out), "workers": num_workers, "windows_per_epoch": wpe,
-            "data": {**data, "workers": num_workers}, "metrics": metrics}
+    metrics = {k: stats.get(k) for k in ("samples_seen", "steps", "loss", "samples_per_s",
+                                         "loss_by_sigma_quartile", "data_wait_s", "resumed_from")}
+    metrics["samples"] = metrics.pop("samples_seen")
+    return {"out": str(out), "workers": ray_cfg.workers, "windows_per_epoch": wpe, "run": name,
+            "run_folder": run_folder(ray_cfg, name), "data": {**data, "workers": ray_cfg.workers},
+            "metrics": metrics}

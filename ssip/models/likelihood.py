@@ -688,6 +688,53 @@ def _mel_batch(mels: Sequence[np.ndarray], neurals: Sequence[np.ndarray], which,
     return mel, y, mask
 
 
+def mel_normaliser(mels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin mean and std (floored at 1e-3) of training mels (80, T_i): the input
+    normalisation of :class:`ConvLikelihood`."""
+    total = sum(m.shape[1] for m in mels)
+    s1 = sum(np.asarray(m, np.float64).sum(1) for m in mels)
+    mean = s1 / total
+    var = sum(((np.asarray(m, np.float64) - mean[:, None]) ** 2).sum(1) for m in mels) / total
+    return mean, np.maximum(np.sqrt(var), 1e-3)
+
+
+def set_mel_normaliser(model: ConvLikelihood, mean, std) -> None:
+    model.mel_mean.copy_(torch.as_tensor(np.asarray(mean), dtype=model.mel_mean.dtype))
+    model.mel_std.copy_(torch.as_tensor(np.asarray(std), dtype=model.mel_std.dtype))
+
+
+def window_mse(pred: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor, *,
+               denominator: torch.Tensor | float | None = None, where: str = "likelihood",
+               lr: float | None = None) -> torch.Tensor:
+    """The training loss: squared error summed over the masked frames and all electrodes,
+    divided by ``denominator`` (default: masked frames x electrodes, i.e. the MSE).
+
+    A data-parallel worker passes the GLOBAL count divided by the number of workers, so that the
+    averaged gradient equals the gradient of the MSE over the global batch. Raises
+    FloatingPointError (naming ``where``) when the loss is not finite.
+    """
+    sq = ((pred - y) ** 2).sum(-1)  # (B, L)
+    if denominator is None:
+        denominator = loss_mask.sum() * pred.shape[-1]
+    loss = torch.where(loss_mask, sq, 0.0).sum() / denominator
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss is {loss.item()}; lower lr"
+                                 f"{f' (now {lr})' if lr is not None else ''} or check the "
+                                 f"trials for NaN/inf")
+    return loss
+
+
+def set_noise_sigma(model: Likelihood, m: Mapping[str, Any], sigma_min: float) -> dict[str, Any]:
+    """Set ``model.sigma`` from validation metrics ``m`` (with the long-run factor ``vif``):
+    sigma = max(rms x sqrt(vif), sigma_min). Returns the validation numbers for the stats."""
+    vif = m["vif"]
+    sigma = np.maximum(m["rms"] * np.sqrt(vif), sigma_min)
+    model.sigma.copy_(torch.from_numpy(sigma).to(model.sigma))
+    return {"val_mse": m["mse"], "val_r_mean": m["r_mean"], "val_r": [float(v) for v in m["r"]],
+            "sigma": [float(v) for v in model.sigma], "val_rms": [float(v) for v in m["rms"]],
+            "noise_vif": [float(v) for v in vif]}
+
+
 def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig | None = None,
                      progress: bool = True, whisper: nn.Module | None = None,
                      device: str | torch.device = "cpu") -> tuple[Likelihood, dict[str, Any]]:
@@ -742,9 +789,7 @@ def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig 
         torch.manual_seed(cfg.seed)
         model = build_likelihood(cfg, n_el, whisper=whisper)
         if isinstance(model, ConvLikelihood):
-            cat = np.concatenate(mels, axis=1).astype(np.float64)  # (80, N)
-            model.mel_mean.copy_(torch.from_numpy(cat.mean(1)))
-            model.mel_std.copy_(torch.from_numpy(np.maximum(cat.std(1), 1e-3)))
+            set_mel_normaliser(model, *mel_normaliser(mels))
         model.to(device)
         cached = cfg.cache_features and model.backbone_frozen
         cache_s = 0.0
@@ -787,13 +832,8 @@ def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig 
                     mel, y, lmask = (v.to(device) for v in _mel_batch(
                         mels, neurals, which, starts, ns))
                     pred = model(mel, lmask)
-                # MSE over the window frames and all electrodes.
-                sq = ((pred - y) ** 2).sum(-1)  # (B, L)
-                loss = torch.where(lmask, sq, 0.0).sum() / (lmask.sum() * n_el)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"train_likelihood (subject {subject!r}): loss is "
-                                             f"{loss.item()} in epoch {epoch}; lower lr "
-                                             f"(now {cfg.lr})")
+                loss = window_mse(pred, y, lmask, where=f"train_likelihood (subject "
+                                  f"{subject!r}), epoch {epoch}", lr=cfg.lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -813,19 +853,10 @@ def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig 
 
     model.load_state_dict(best_state, strict=False)
     model.eval()
-    m = validate(cfg.noise_lags)
-    vif = m["vif"]
-    sigma = np.maximum(m["rms"] * np.sqrt(vif), cfg.sigma_min)
-    model.sigma.copy_(torch.from_numpy(sigma).to(model.sigma))
     stats = {
         "subject": subject,
         "n_electrodes": n_el,
-        "val_mse": m["mse"],
-        "val_r_mean": m["r_mean"],
-        "val_r": [float(v) for v in m["r"]],
-        "sigma": [float(v) for v in model.sigma],
-        "val_rms": [float(v) for v in m["rms"]],
-        "noise_vif": [float(v) for v in vif],
+        **set_noise_sigma(model, validate(cfg.noise_lags), cfg.sigma_min),
         "best_epoch": best_epoch,
         "epochs": epochs,
         "samples_seen": seen,

@@ -594,6 +594,29 @@ def learning_rate(samples_seen: int, cfg: PriorConfig) -> float:
     return cfg.lr * min(1.0, samples_seen / cfg.warmup_samples)
 
 
+def prior_loss(
+    model: nn.Module, x0: torch.Tensor, generator: torch.Generator, cfg: PriorConfig,
+    lr: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of one batch: sigma ~ lognormal(p_mean, p_std), EDM-weighted denoising.
+
+    Returns the scalar loss (in the graph), the per-sample losses (B,) (detached) and the sigmas
+    (B,). Raises FloatingPointError, naming the sigma range, when the loss is not finite.
+    """
+    model.train()
+    sigma = sample_sigma(x0.shape[0], generator, cfg.p_mean, cfg.p_std, device=x0.device)
+    per_element = edm_loss(model, x0, generator, sigma=sigma)  # (B, 1, 80, T)
+    per_sample = per_element.float().mean(dim=tuple(range(1, per_element.ndim)))  # (B,)
+    loss = per_sample.mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"prior training: loss is {loss.item()} at sigma in [{sigma.min().item():.3g}, "
+            f"{sigma.max().item():.3g}]; lower lr{f' (now {lr:.3g})' if lr is not None else ''} "
+            f"or check the mels for NaN/inf"
+        )
+    return loss, per_sample.detach(), sigma
+
+
 def train_step(
     model: EDMPrior,
     optimizer: torch.optim.Optimizer,
@@ -613,17 +636,8 @@ def train_step(
         Per-sample mean of the per-element EDM loss (detached).
     sigma : Tensor, shape (B,)
     """
-    model.train()
-    sigma = sample_sigma(x0.shape[0], generator, cfg.p_mean, cfg.p_std, device=x0.device)
-    per_element = edm_loss(model, x0, generator, sigma=sigma)  # (B, 1, 80, T)
-    per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))  # (B,)
-    loss = per_sample.mean()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"prior training: loss is {loss.item()} at sigma in [{sigma.min().item():.3g}, "
-            f"{sigma.max().item():.3g}]; lower lr (now {optimizer.param_groups[0]['lr']:.3g}) or "
-            f"check the mels for NaN/inf"
-        )
+    loss, per_sample, sigma = prior_loss(model, x0, generator, cfg,
+                                         lr=optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -759,7 +773,7 @@ def save_prior(directory: str, model: EDMPrior, cfg: PriorConfig, *, ema: EMA | 
     net = ema.model if ema is not None else model
     numbers = {k: v for k, v in (stats or {}).items()
                if k in ("samples_seen", "steps", "seconds", "samples_per_s", "loss",
-                        "loss_by_sigma_quartile")}
+                        "loss_by_sigma_quartile", "data_wait_s", "resumed_from")}
     extra = {
         "preset": model.preset,
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in model.unet_kwargs.items()},
