@@ -178,7 +178,13 @@ def job_head(tmp_path_factory, moto_s3):
     port, dash = _free_port(), _free_port()
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats"]
+           f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats",
+           # Another head (the session's ray_cluster) already holds the default agent, metrics
+           # and client ports on this machine: a second head's dashboard agent would fail to
+           # bind, and the job server would answer "No available agent" forever.
+           f"--dashboard-agent-listen-port={_free_port()}",
+           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+           f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
     subprocess.run(cmd, check=True, env=dict(os.environ), capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -188,7 +194,7 @@ def job_head(tmp_path_factory, moto_s3):
         while True:
             proc = subprocess.run([ray_bin, "job", "submit", "--address", address, "--",
                                    sys.executable, "-c", "pass"], capture_output=True, text=True,
-                                  env=dict(os.environ), timeout=180)
+                                  env={**os.environ, "RAY_ADDRESS": address}, timeout=180)
             if proc.returncode == 0:
                 break
             if time.monotonic() > deadline:
