@@ -195,7 +195,8 @@ def prior_denoiser(prior: torch.nn.Module):
 def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                   likelihood: torch.nn.Module | None, cfg: DecodeConfig | None = None,
                   baselines: Mapping[str, Any] | None = None,
-                  progress: bool = False) -> list[dict[str, Any]]:
+                  progress: bool = False,
+                  shuffled_neural: Sequence[np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Decode one subject's trials with every method of ``cfg.methods``.
 
     Parameters
@@ -214,6 +215,10 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     baselines : mapping, optional
         ``{"linear": LinearDecoder, "nn": NNDecoder}`` fitted on this subject, for the baseline
         methods in ``cfg.methods``.
+    shuffled_neural : sequence of ndarray, optional
+        The other trial's neural data (T_j, C) that drives each trial's ``"dps-shuffled"``
+        control (default: trial i takes trial i+1's of ``trials``, cyclically). The bulk decoder
+        passes it so that the pairing does not depend on how trials are batched.
 
     Returns
     -------
@@ -239,7 +244,10 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                          f"likelihood or drop them from methods")
     n_el = likelihood.n_electrodes if likelihood is not None and guided else None
     subject = _check_trials(trials, n_el)
-    if "dps-shuffled" in methods and len(trials) < 2:
+    if shuffled_neural is not None and len(shuffled_neural) != len(trials):
+        raise ValueError(f"decode_trials: {len(shuffled_neural)} shuffled_neural arrays for "
+                         f"{len(trials)} trials")
+    if "dps-shuffled" in methods and len(trials) < 2 and shuffled_neural is None:
         raise ValueError(f"decode_trials (subject {subject!r}): 'dps-shuffled' needs >= 2 trials "
                          f"to borrow another trial's neural data; got 1")
     baselines = dict(baselines or {})
@@ -251,7 +259,9 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     neural = [np.asarray(t["neural"], dtype=np.float32) for t in trials]
     lengths = [x.shape[0] for x in neural]
     n = len(trials)
-    shuffled = [_fit_length(neural[(i + 1) % n], lengths[i]) for i in range(n)]
+    partners = (neural[(i + 1) % n] for i in range(n)) if shuffled_neural is None else (
+        np.asarray(x, dtype=np.float32) for x in shuffled_neural)
+    shuffled = [_fit_length(x, lengths[i]) for i, x in enumerate(partners)]
     out: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
 
     sampled = [m for m in methods if m in SAMPLED_METHODS]

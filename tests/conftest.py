@@ -60,6 +60,45 @@ def make_speech_ingest(root: Path, *, n_trials: int, step_s: float, duration_s: 
     return root
 
 
+def write_trials_ingest(root: Path, trials: list[dict]) -> str:
+    """An ingest root holding ``trials`` as ssip-trials-v1 shards plus its manifest.
+
+    Each trial: ``mel`` (80, T), ``neural`` (T, C), ``split``; optional ``subject`` (default
+    S1), ``recording`` (rec1) and ``trial_id`` (``<recording>/<split><index>``). One shard per
+    (subject, recording, split), as `ssip ingest` writes them.
+    """
+    from collections import defaultdict
+
+    from ssip import storage
+    from ssip.data import schema
+    from ssip.mel import MEL_VERSION
+
+    shards: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for t in trials:
+        shards[(t.get("subject", "S1"), t.get("recording", "rec1"), t["split"])].append(t)
+    recordings: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for (subject, rec, split), ts in sorted(shards.items()):
+        rows = []
+        for i, t in enumerate(ts):
+            n = t["mel"].shape[1]
+            rows.append({"subject": subject, "recording": rec,
+                         "trial_id": t.get("trial_id", f"{rec}/{split}{i:04d}"),
+                         "trial_index": i, "split": split, "task": "t", "transcript": "",
+                         "utt_id": "", "onset_s": 0.0, "speech_onset_s": 0.0,
+                         "speech_duration_s": n / 100, "n_frames": n,
+                         "n_electrodes": t["neural"].shape[1], "frame_rate": 100.0,
+                         "neural": t["neural"], "mel": t["mel"],
+                         "audio": np.zeros(n * 160, np.float32), "mel_version": MEL_VERSION,
+                         "source_format": "nwb", "source_file": f"mem://{rec}"})
+        rel = f"trials/{subject}/{rec}-{split}.parquet"
+        storage.write_parquet(storage.join(str(root), rel), schema.trials_table(rows))
+        recordings[(subject, rec)].append(rel)
+    storage.write_json(storage.join(str(root), "manifest.json"), {"recordings": [
+        {"path": f"mem://{rec}", "subject": subject, "recording": rec, "status": "ok",
+         "files": files} for (subject, rec), files in sorted(recordings.items())]})
+    return str(root)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

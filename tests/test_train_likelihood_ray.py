@@ -16,37 +16,10 @@ import pytest
 import torch
 
 from ssip.models.likelihood import LikelihoodConfig
+from tests.conftest import write_trials_ingest
 from tests.test_likelihood import N_EL, forward_problem
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def write_ingest(root: Path, trials: list[dict], subject: str = "S1") -> str:
-    """An ingest root holding ``trials`` (mel, neural, split) as ssip-trials-v1 shards."""
-    from ssip import storage
-    from ssip.data import schema
-    from ssip.mel import MEL_VERSION
-
-    files = []
-    for split in ("train", "val"):
-        rows = []
-        for i, t in enumerate(x for x in trials if x["split"] == split):
-            n = t["mel"].shape[1]
-            rows.append({"subject": subject, "recording": "rec1", "trial_id": f"rec1/{split}{i:04d}",
-                         "trial_index": i, "split": split, "task": "t", "transcript": "",
-                         "utt_id": "", "onset_s": 0.0, "speech_onset_s": 0.0,
-                         "speech_duration_s": n / 100, "n_frames": n,
-                         "n_electrodes": t["neural"].shape[1], "frame_rate": 100.0,
-                         "neural": t["neural"], "mel": t["mel"],
-                         "audio": np.zeros(n * 160, np.float32), "mel_version": MEL_VERSION,
-                         "source_format": "nwb", "source_file": "mem://rec1"})
-        rel = f"trials/{subject}/rec1-{split}.parquet"
-        storage.write_parquet(str(root / rel), schema.trials_table(rows))
-        files.append(rel)
-    storage.write_json(str(root / "manifest.json"), {"recordings": [
-        {"path": "mem://rec1", "subject": subject, "recording": "rec1", "status": "ok",
-         "files": files}]})
-    return str(root)
 
 
 def test_cut_trial_windows_carry_their_receptive_field_and_are_seeded():
@@ -190,7 +163,7 @@ def test_deepspeed_step_equals_single_process_step_on_the_global_batch(ray_conne
 @pytest.fixture(scope="module")
 def subject_ingest(tmp_path_factory):
     trials = forward_problem(seed=0, n_train=24, n_val=8, t=240)
-    return write_ingest(tmp_path_factory.mktemp("ingest"), trials), trials
+    return write_trials_ingest(tmp_path_factory.mktemp("ingest"), trials), trials
 
 
 @pytest.mark.ray

@@ -9,7 +9,9 @@ Decodes every trial of ``--split`` (default test) of every subject in one proces
 
 from __future__ import annotations
 
-from ssip.commands._common import add_config_args, resolve_and_print
+import argparse
+
+from ssip.commands._common import add_config_args, add_ray_args, resolve_and_print
 
 
 def register(sub) -> None:
@@ -27,6 +29,19 @@ def register(sub) -> None:
     p.add_argument("--max-trials", type=int, default=0,
                    help="decode at most this many trials per subject, in trial order (0 = all)")
     p.add_argument("--out", required=True, help="decoded table to write (.parquet, local or s3://)")
+    p.add_argument("--actors", type=int, default=0, metavar="N",
+                   help="0 (default): decode in this process; N >= 1: on Ray, N decode actors "
+                        "(Ray Data actor pool; resumable, exactly once per trial)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs reserved per decode actor (default 0.5)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per decode actor")
+    p.add_argument("--work", default=None, help="run folder of the Ray decode: units, quarantine, "
+                   "summary.json (default OUT.d)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="then score the table with `ssip evaluate` into DIR (default config)")
+    # Test hook (kill a driver part way): decode actors sleep this long after each unit.
+    p.add_argument("--debug-unit-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    add_ray_args(p)
     add_config_args(p)
     p.set_defaults(func=_decode)
 
@@ -53,6 +68,19 @@ def _decode(args) -> int:
     from ssip.models.likelihood import load_likelihood
     from ssip.models.prior import load_prior
 
+    if args.actors < 0:
+        raise ValueError(f"ssip decode: --actors={args.actors} must be >= 0")
+    bulk = None
+    if args.actors:
+        from ssip.config import config_hash, resolve, to_yaml
+        from ssip.distributed.decode_corpus import BulkDecodeConfig
+
+        overrides = [f"actors={args.actors}", f"use_gpu={str(args.gpu).lower()}"]
+        if args.cpus_per_actor is not None:
+            overrides.append(f"cpus_per_actor={args.cpus_per_actor}")
+        bulk = resolve(BulkDecodeConfig, None, overrides)
+        print(f"# BulkDecodeConfig (hash {config_hash(bulk)})")
+        print(to_yaml(bulk), end="")
     cfg = resolve_and_print(DecodeConfig, args)
     if cfg is None:
         return 0
@@ -64,13 +92,15 @@ def _decode(args) -> int:
     if wanted and not args.baselines_root:
         raise ValueError(f"methods {wanted} need --baselines-root (or drop them: --set "
                          f"methods=[dps,prior,dps-shuffled])")
+    if args.max_trials < 0:
+        raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
+    if bulk is not None:
+        return _decode_on_ray(args, cfg, bulk)
     columns = ["schema_version", "subject", "trial_id", "split", "neural"]
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for t in load_trials(args.ingest, split=args.split, columns=columns):
         if args.subject is None or t["subject"] in args.subject:
             by_subject[t["subject"]].append(t)
-    if args.max_trials < 0:
-        raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
     if args.max_trials:
         by_subject = defaultdict(list, {s: ts[:args.max_trials] for s, ts in by_subject.items()})
     if not by_subject:
@@ -91,4 +121,34 @@ def _decode(args) -> int:
         print(f"decoded {len(trials)} trial(s) of {subject}", flush=True)
     storage.write_parquet(args.out, decoded_rows_table(rows))
     print(f"decoded table: {len(rows)} row(s) -> {args.out}")
+    _report(args)
+    return 0
+
+
+def _report(args) -> None:
+    if args.report:
+        from ssip.evaluate.report import EvaluateConfig, evaluate
+
+        evaluate(args.out, args.ingest, args.report, EvaluateConfig())
+        print(f"report: {args.report}/report.md")
+
+
+def _decode_on_ray(args, cfg, bulk) -> int:
+    from ssip.distributed.decode_corpus import decode_corpus
+
+    summary = decode_corpus(args.ingest, args.out, prior=args.prior,
+                            likelihood_root=args.likelihood_root,
+                            baselines_root=args.baselines_root, cfg=cfg, bulk=bulk,
+                            split=args.split, subjects=args.subject, max_trials=args.max_trials,
+                            work=args.work, address=args.address, num_cpus=args.num_cpus,
+                            debug={"unit_delay_s": args.debug_unit_delay}
+                            if args.debug_unit_delay else None)
+    spt = summary["seconds_per_trial"]
+    print(f"decode run {summary['run']}: {summary['n_decoded']} of {summary['n_trials']} "
+          f"trial(s) decoded, {summary['n_quarantined']} quarantined, "
+          f"{summary['n_units_this_attempt']} of {summary['n_units']} unit(s) this attempt"
+          + (f", {spt:.1f} s per trial" if spt else "") + f" -> {args.out}")
+    for q in summary["quarantine"]:
+        print(f"  quarantined: {q['subject'] or q['source_file']} {q['trial_id']}: {q['reason']}")
+    _report(args)
     return 0
