@@ -37,6 +37,11 @@ def register(sub) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per decode actor")
     p.add_argument("--work", default=None, help="run folder of the Ray decode: units, quarantine, "
                    "summary.json (default OUT.d)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="decode each subject with its guidance setting from preset NAME "
+                        "(saved by `ssip sweep`)")
+    p.add_argument("--presets", default=None, metavar="DIR",
+                   help="preset folder (default LIKELIHOOD_ROOT/presets)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="then score the table with `ssip evaluate` into DIR (default config)")
     # Test hook (kill a driver part way): decode actors sleep this long after each unit.
@@ -94,8 +99,9 @@ def _decode(args) -> int:
                          f"methods=[dps,prior,dps-shuffled])")
     if args.max_trials < 0:
         raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
+    per_subject = _preset(args)
     if bulk is not None:
-        return _decode_on_ray(args, cfg, bulk)
+        return _decode_on_ray(args, cfg, bulk, per_subject)
     columns = ["schema_version", "subject", "trial_id", "split", "neural"]
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for t in load_trials(args.ingest, split=args.split, columns=columns):
@@ -117,7 +123,9 @@ def _decode(args) -> int:
                                  f"subject {manifest.get('subject')!r}, not {subject!r}")
         baselines = {m: load_baseline(storage.join(args.baselines_root, subject, m))
                      for m in wanted}
-        rows.extend(decode_trials(trials, prior, likelihood, cfg, baselines=baselines, progress=True))
+        rows.extend(decode_trials(trials, prior, likelihood, subject_config(cfg, per_subject,
+                                                                            subject),
+                                  baselines=baselines, progress=True))
         print(f"decoded {len(trials)} trial(s) of {subject}", flush=True)
     storage.write_parquet(args.out, decoded_rows_table(rows))
     print(f"decoded table: {len(rows)} row(s) -> {args.out}")
@@ -133,13 +141,45 @@ def _report(args) -> None:
         print(f"report: {args.report}/report.md")
 
 
-def _decode_on_ray(args, cfg, bulk) -> int:
+def _preset(args) -> dict[str, dict]:
+    """Per-subject DecodeConfig overrides of --preset (empty without one)."""
+    if not args.preset:
+        return {}
+    from ssip.distributed.sweep import load_preset, presets_root
+
+    if not args.likelihood_root and not args.presets:
+        raise ValueError("--preset needs --presets DIR or --likelihood-root (presets live in "
+                         "LIKELIHOOD_ROOT/presets by default)")
+    per_subject = load_preset(presets_root(args.likelihood_root, args.presets), args.preset,
+                              prior=args.prior, likelihood_root=args.likelihood_root)
+    for subject, o in sorted(per_subject.items()):
+        print(f"# preset {args.preset}, {subject}: "
+              f"{ {k: v for k, v in o.items() if v is not None} }")
+    return per_subject
+
+
+def subject_config(cfg, per_subject: dict[str, dict], subject: str):
+    """``cfg`` with ``subject``'s preset overrides (unchanged for a subject the preset lacks)."""
+    import dataclasses
+    import logging
+
+    if subject not in per_subject:
+        if per_subject:
+            logging.getLogger(__name__).warning(
+                "the preset has no setting for subject %s: it decodes with the base config",
+                subject)
+        return cfg
+    return dataclasses.replace(cfg, **per_subject[subject])
+
+
+def _decode_on_ray(args, cfg, bulk, per_subject) -> int:
     from ssip.distributed.decode_corpus import decode_corpus
 
     summary = decode_corpus(args.ingest, args.out, prior=args.prior,
                             likelihood_root=args.likelihood_root,
                             baselines_root=args.baselines_root, cfg=cfg, bulk=bulk,
                             split=args.split, subjects=args.subject, max_trials=args.max_trials,
+                            subject_overrides=per_subject,
                             work=args.work, address=args.address, num_cpus=args.num_cpus,
                             debug={"unit_delay_s": args.debug_unit_delay}
                             if args.debug_unit_delay else None)

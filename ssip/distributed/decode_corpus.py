@@ -171,7 +171,8 @@ class DecodeActor:
     def __init__(self, *, prior: str, likelihood_root: str | None, baselines_root: str | None,
                  decode: dict[str, Any], work: str, run_key: str, units: dict[str, dict],
                  partners: dict[str, str], shards: dict[str, list[str]], bulk: dict[str, Any],
-                 debug: dict[str, Any] | None = None):
+                 debug: dict[str, Any] | None = None,
+                 subject_overrides: dict[str, dict] | None = None):
         import torch
 
         from ssip.config import from_dict
@@ -183,6 +184,7 @@ class DecodeActor:
             torch.set_num_threads(self.bulk.threads_per_actor)
         self.device = torch.device("cuda" if self.bulk.use_gpu else "cpu")
         self.cfg = from_dict(DecodeConfig, decode)
+        self.overrides = subject_overrides or {}
         self.prior, _ = load_prior(prior)
         self.prior.to(self.device)
         self.likelihood_root, self.baselines_root = likelihood_root, baselines_root
@@ -283,7 +285,8 @@ class DecodeActor:
             shuffled = None
             if "dps-shuffled" in self.cfg.methods:
                 shuffled = [self._partner_neural(subject, t["trial_id"]) for t in trials]
-            cfg = dataclasses.replace(self.cfg, batch_size=max(len(trials), 1))
+            cfg = dataclasses.replace(self.cfg, **self.overrides.get(subject, {}),
+                                      batch_size=max(len(trials), 1))
             try:
                 decoded = decode_trials(trials, self.prior, likelihood, cfg, baselines=baselines,
                                         shuffled_neural=shuffled)
@@ -370,7 +373,8 @@ def _empty_table():
 def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | None,
                   baselines_root: str | None, cfg, bulk: BulkDecodeConfig | None = None,
                   split: str = "test", subjects: list[str] | None = None, max_trials: int = 0,
-                  work: str | None = None, address: str | None = None,
+                  work: str | None = None, subject_overrides: dict[str, dict] | None = None,
+                  address: str | None = None,
                   num_cpus: int | None = None, progress: bool = True,
                   debug: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decode every ``split`` trial of every subject of ``ingest`` on Ray; write ``out``.
@@ -389,6 +393,8 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
         Which trials (``max_trials`` per subject, in trial order; 0 = all).
     work : str, optional
         Run folder of units, quarantine and summary (default ``out`` + ``.d``).
+    subject_overrides : dict, optional
+        Per subject, DecodeConfig overrides (a preset of ``ssip sweep``).
     debug : dict, optional
         Test hooks: ``{"kill_after_units": n, "marker": path}`` SIGKILLs one actor once after
         it wrote n units; ``{"unit_delay_s": s}`` makes every actor sleep after each unit.
@@ -410,8 +416,10 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
     factor = int(getattr(load_prior(prior)[0], "factor", 8))  # the UNet's padding multiple
     # The run key: what was decoded with what. The same key re-run resumes; another key is
     # another run (its units have other names).
+    subject_overrides = dict(subject_overrides or {})
     run_key = hashlib.sha256(json.dumps(
         {"decode": dataclasses.asdict(cfg), "split": split, "prior": _checkpoint_id(prior),
+         **({"per_subject": subject_overrides} if subject_overrides else {}),
          "likelihood_root": likelihood_root, "baselines_root": baselines_root},
         sort_keys=True, default=str).encode()).hexdigest()[:12]
     files = trial_files(ingest, split=split)
@@ -445,7 +453,7 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
     if pending:
         results = _run_actors(index, good, pending, partners, work, run_key, prior,
                               likelihood_root, baselines_root, cfg, bulk, address, num_cpus,
-                              progress, debug)
+                              progress, debug, subject_overrides)
 
     # Gather: every planned unit (this run and earlier attempts), in plan order.
     tables, quarantine = [], list(bad_shards)
@@ -474,6 +482,7 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
         "run": run_key, "ingest": ingest, "split": split, "out": out, "work": work,
         "prior": prior, "likelihood_root": likelihood_root, "baselines_root": baselines_root,
         "decode": dataclasses.asdict(cfg), "bulk": dataclasses.asdict(bulk),
+        "subject_overrides": subject_overrides,
         "n_units": len(units), "n_units_this_attempt": len(pending),
         "n_trials": sum(c["planned"] for c in counts.values()),
         "n_decoded": sum(c["decoded"] for c in counts.values()),
@@ -494,7 +503,8 @@ def _checkpoint_id(directory: str) -> str:
 
 
 def _run_actors(index, good, pending, partners, work, run_key, prior, likelihood_root,
-                baselines_root, cfg, bulk, address, num_cpus, progress, debug):
+                baselines_root, cfg, bulk, address, num_cpus, progress, debug,
+                subject_overrides):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -516,7 +526,7 @@ def _run_actors(index, good, pending, partners, work, run_key, prior, likelihood
                 "baselines_root": baselines_root, "decode": dataclasses.asdict(cfg),
                 "work": work, "run_key": run_key, "units": units, "partners": partners,
                 "shards": shards, "bulk": dataclasses.asdict(bulk),
-                "debug": debug}
+                "debug": debug, "subject_overrides": subject_overrides}
         ds = ds.groupby("unit").map_groups(
             DecodeActor, batch_format="numpy", fn_constructor_kwargs=ctor,
             compute=ActorPoolStrategy(size=bulk.actors),
