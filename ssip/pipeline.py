@@ -64,7 +64,11 @@ class PipelineConfig:
                                         help="`ssip train baseline --kind linear`")
     nn: NNDecoderConfig = field(default_factory=NNDecoderConfig,
                                 help="`ssip train baseline --kind nn`")
+    likelihood_workers: int = field(0, help="Ray Train workers per subject's likelihood (0 = "
+                                    "one process; N: `ssip train likelihood --workers N`)")
     decode: DecodeConfig = field(default_factory=DecodeConfig, help="`ssip decode`")
+    decode_actors: int = field(0, help="decode on Ray with this many actors (0 = one process; "
+                               "the table is byte-identical either way)")
     decode_split: str = field("test", help="split to decode and score (train | val | test)")
     max_decode_trials: int = field(0, help="decode at most this many trials per subject "
                                            "(0 = all): a quick look at a long run")
@@ -76,6 +80,8 @@ class PipelineConfig:
         check_option("decode_split", self.decode_split, ("train", "val", "test"))
         check_option("prior_data", self.prior_data, ("default", "trials", "corpora"))
         check_range("prior_workers", self.prior_workers, 0, None)
+        check_range("likelihood_workers", self.likelihood_workers, 0, None)
+        check_range("decode_actors", self.decode_actors, 0, None)
         if (self.prior_data == "corpora") != bool(self.prior_corpora):
             raise ConfigError("prior_corpora lists the speech roots for prior_data: corpora (and "
                               f"only then); got prior_data={self.prior_data!r}, "
@@ -166,10 +172,15 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
     base_cfg = {k: _write_config(root, f"baseline-{k}", getattr(cfg, k)) for k in kinds}
     fitted, fitted_names = [steps[-1].key], ["prior"]
     for s in subjects:
+        key = h({"up": ingest_key, "cfg": h(cfg.likelihood), "s": s,
+                 **({"workers": cfg.likelihood_workers} if cfg.likelihood_workers else {})})
+        # On Ray: the run is named by the step's key, so a re-run resumes only the same work.
+        on_ray = (["--workers", str(cfg.likelihood_workers), "--name", f"likelihood-{s}-{key}",
+                   "--storage-path", j("train-runs")] if cfg.likelihood_workers else [])
         steps.append(Step("likelihood", f"likelihood {s}",
                           ["train", "likelihood", ingest, j("likelihood", s), "--subject", s,
-                           "--config", lik_cfg], j("likelihood", s, "manifest.json"),
-                          h({"up": ingest_key, "cfg": h(cfg.likelihood), "s": s}), ("ingest",)))
+                           "--config", lik_cfg, *on_ray],
+                          j("likelihood", s, "manifest.json"), key, ("ingest",)))
         fitted.append(steps[-1].key)
         fitted_names.append(steps[-1].name)
         for k in kinds:
@@ -189,6 +200,8 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
         argv += ["--subject", s]
     if cfg.max_decode_trials:
         argv += ["--max-trials", str(cfg.max_decode_trials)]
+    if cfg.decode_actors:  # not in the key: the table is the same bytes either way
+        argv += ["--actors", str(cfg.decode_actors)]
     steps.append(Step("decode", "decode", argv, j("decoded.parquet"),
                       h({"up": fitted, "cfg": h(cfg.decode), "split": cfg.decode_split,
                          "n": cfg.max_decode_trials, "s": list(subjects)}),

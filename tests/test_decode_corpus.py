@@ -240,3 +240,18 @@ def test_bulk_decode_with_input_and_output_on_s3(models, reference, ray_cluster,
                       "--address", ray_cluster)) == 0
     obj = s3.get_object(Bucket="ssip-decode", Key="runs/decoded.parquet.d/summary.json")
     assert json.loads(obj["Body"].read())["n_units_this_attempt"] == 0
+
+
+def test_job_entry_points_print_their_configs_on_dry_run(tmp_path):
+    for job, args, expect in (
+            ("decode_corpus.py", [str(tmp_path), "--prior", "p", "--likelihood-root", "l",
+                                  "--out", str(tmp_path / "d.parquet")],
+             ["# BulkDecodeConfig", "actors: 2", "# DecodeConfig"]),
+            ("sweep_guidance.py", [str(tmp_path), "--prior", "p", "--likelihood-root", "l",
+                                   "--subject", "s1", "--name", "n", "--set", "trials=3"],
+             ["# DecodeConfig, base", "# SweepConfig", "trials: 3"])):
+        proc = subprocess.run([sys.executable, str(REPO / "jobs" / job), *args, "--dry-run"],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for e in expect:
+            assert e in proc.stdout, (job, e, proc.stdout[-2000:])

@@ -87,6 +87,21 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     argv = steps[3].argv
     assert argv[argv.index("--workers") + 1] == "2"
     cfg.prior_workers = 0
+    # The likelihoods on Ray Train (a run per subject named by its step key, resumable) and the
+    # decode on a Ray Data actor pool (same bytes, so the same key: no re-run).
+    keys = {s.name: s.key for s in plan(cfg, str(tmp_path), ["s1"])}
+    cfg.likelihood_workers, cfg.decode_actors = 2, 3
+    steps = {s.name: s for s in plan(cfg, str(tmp_path), ["s1"])}
+    lik = steps["likelihood s1"].argv
+    assert lik[lik.index("--workers") + 1] == "2"
+    assert lik[lik.index("--name") + 1] == f"likelihood-s1-{steps['likelihood s1'].key}"
+    assert lik[lik.index("--storage-path") + 1] == str(tmp_path / "train-runs")
+    assert steps["likelihood s1"].key != keys["likelihood s1"]
+    dec = steps["decode"].argv
+    assert dec[dec.index("--actors") + 1] == "3"
+    cfg.likelihood_workers = 0
+    assert {s.name: s.key for s in plan(cfg, str(tmp_path), ["s1"])}["decode"] == keys["decode"]
+    cfg.decode_actors = 0
     # No baselines asked for: no baseline steps and no --baselines-root.
     cfg.decode.methods = ["dps", "prior"]
     steps = plan(cfg, str(tmp_path), ["s1"])
