@@ -18,6 +18,8 @@ import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# Ray token auth stays on (as ssip/__init__ sets it): Ray reads this when it is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -76,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    import ray
     import torch
 
     from ssip.cli import main as ssip_main
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     n_trials = len(set(zip(*(read_parquet(ref).column(c).to_pylist()
                              for c in ("subject", "trial_id")), strict=True)))
 
+    import ray
+
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     tables = {}
@@ -127,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def keyed(table) -> dict:
         cols = [table.column(c).to_pylist() for c in ("subject", "trial_id", "method", "draw")]
-        return dict(zip(zip(*cols, strict=True), table.column("mel").to_pylist(), strict=True))
+        from ssip.data.dataset import _tensor_values
+
+        mels = (np.ascontiguousarray(m, np.float32).tobytes()
+                for m in _tensor_values(table.column("mel")))
+        return dict(zip(zip(*cols, strict=True), mels, strict=True))
 
     reference = keyed(read_parquet(ref))
     same = all(keyed(t) == reference for t in tables.values())

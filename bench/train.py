@@ -18,6 +18,8 @@ import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# Ray token auth stays on (as ssip/__init__ sets it): Ray reads this when it is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402

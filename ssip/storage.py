@@ -50,6 +50,14 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str | None) -> str | None:
+    """An s3:// URI unchanged, a local path made absolute (for Ray workers, Tune trials and
+    actors, whose working directory is not the caller's); None stays None."""
+    if uri is None:
+        return None
+    return str(uri) if is_s3(str(uri)) else os.path.abspath(str(uri))
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_s3(base):

@@ -257,6 +257,7 @@ class DecodeActor:
     def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ssip.commands.decode import decoded_rows_table
         from ssip.decode import decode_trials
+        from ssip.sampling import NonFiniteSampleError
 
         t0 = time.perf_counter()
         key = str(group["unit"][0])
@@ -290,7 +291,10 @@ class DecodeActor:
             try:
                 decoded = decode_trials(trials, self.prior, likelihood, cfg, baselines=baselines,
                                         shuffled_neural=shuffled)
-            except Exception as e:
+            except (NonFiniteSampleError, FloatingPointError, ValueError) as e:
+                # What the same inputs would do again (a diverged sample, a shape the model
+                # refuses): quarantined. Anything else (out of memory, a lost node) propagates
+                # and Ray retries the unit.
                 reason = f"decoding failed: {type(e).__name__}: {e}"[:500]
                 quarantine += [{"subject": subject, "trial_id": t["trial_id"],
                                 "field": "decode", "reason": reason} for t in trials]
@@ -409,7 +413,11 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
     from ssip.distributed.ingest import trial_files
 
     bulk = bulk or BulkDecodeConfig()
-    work = work or f"{out}.d"
+    # Actors may run in another working directory (another node): local paths made absolute.
+    ingest, out, prior = (storage.absolute(x) for x in (ingest, out, prior))
+    likelihood_root, baselines_root = (storage.absolute(x) for x in (likelihood_root,
+                                                                     baselines_root))
+    work = storage.absolute(work) if work else f"{out}.d"
     t_start = time.perf_counter()
     from ssip.models.prior import load_prior
 
@@ -527,7 +535,8 @@ def _run_actors(index, good, pending, partners, work, run_key, prior, likelihood
                 "work": work, "run_key": run_key, "units": units, "partners": partners,
                 "shards": shards, "bulk": dataclasses.asdict(bulk),
                 "debug": debug, "subject_overrides": subject_overrides}
-        ds = ds.groupby("unit").map_groups(
+        # One shuffle partition per unit (Ray's default is 200; a small run would pay for all).
+        ds = ds.groupby("unit", num_partitions=max(1, min(len(pending), 200))).map_groups(
             DecodeActor, batch_format="numpy", fn_constructor_kwargs=ctor,
             compute=ActorPoolStrategy(size=bulk.actors),
             num_cpus=bulk.cpus_per_actor, num_gpus=1 if bulk.use_gpu else None,

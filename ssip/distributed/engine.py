@@ -310,6 +310,7 @@ def run_trainer(loop, loop_config: dict[str, Any], datasets: dict,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = cfg or RayTrainConfig()
+    cfg = dataclasses.replace(cfg, storage_path=run_storage(cfg))  # absolute for the workers
     loop_config = {**loop_config, "ray": dataclasses.asdict(cfg),
                    "run": loop_config.get("run") or cfg.name or fresh_run_name(model)}
     where = run_storage(cfg)
@@ -323,7 +324,7 @@ def run_trainer(loop, loop_config: dict[str, Any], datasets: dict,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=loop_config["run"],
-            storage_path=path if s3 else where,
+            storage_path=path,  # absolute locally (Ray refuses a relative path); bucket/key on S3
             storage_filesystem=fs if s3 else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
@@ -333,7 +334,9 @@ def run_trainer(loop, loop_config: dict[str, Any], datasets: dict,
 
 
 def run_storage(cfg: RayTrainConfig) -> str:
-    return cfg.storage_path or os.path.expanduser("~/ray_results")
+    """Where runs live: the s3:// URI, or the ABSOLUTE local folder (workers may run elsewhere)."""
+    where = cfg.storage_path or os.path.expanduser("~/ray_results")
+    return where if storage.is_s3(where) else os.path.abspath(where)
 
 
 def run_folder(cfg: RayTrainConfig, name: str) -> str:

@@ -174,6 +174,9 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
 
     from ssip.distributed.runtime import init_ray
 
+    ingest, prior, likelihood_root = (storage.absolute(x) for x in (ingest, prior,
+                                                                     likelihood_root))
+    presets = storage.absolute(presets)
     base = dataclasses.replace(base, n_draws=cfg.n_draws, seed=cfg.seed, methods=["dps"])
     settings = grid(cfg, base)
     # Fail here, not in every trial: the subject's val trials and checkpoints must load.
@@ -200,7 +203,8 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
             tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
                                         max_concurrent_trials=cfg.max_concurrent or None),
             run_config=tune.RunConfig(
-                name=run_name, storage_path=path if storage.is_s3(where) else where,
+                # Tune wants an absolute local path (or the S3 bucket/key with its filesystem).
+                name=run_name, storage_path=path,
                 storage_filesystem=fs if storage.is_s3(where) else None, verbose=1))
         grid_results = tuner.fit()
     finally:

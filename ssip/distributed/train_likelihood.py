@@ -478,6 +478,7 @@ def train_likelihood_on_ray(ingest: str, subject: str, out: str, cfg: Likelihood
     from ssip.models.checkpoint import read_manifest
 
     ray_cfg = ray_cfg or RayTrainConfig()
+    ingest, out = storage.absolute(ingest), storage.absolute(out)  # workers' cwd is not ours
     if cfg.batch_size % ray_cfg.workers:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of workers="
                           f"{ray_cfg.workers} (each worker takes batch_size / workers windows)")

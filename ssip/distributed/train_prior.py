@@ -630,7 +630,8 @@ def train_prior_on_ray(roots: str | Sequence[str], out: str, cfg: PriorConfig, r
     if cfg.batch_size % ray_cfg.workers:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of workers="
                           f"{ray_cfg.workers} (each worker takes batch_size / workers windows)")
-    roots = _as_roots(roots)
+    roots = [storage.absolute(r) for r in _as_roots(roots)]  # workers' cwd is not ours
+    out = storage.absolute(out)
     index = corpus_index(roots, cfg)
     mean, sigma_data, stats_frames = data_stats(index.uris, max_frames=max_stats_frames, seed=cfg.seed)
     wpe = ray_cfg.windows_per_epoch or default_windows_per_epoch(index.n_frames, cfg)
