@@ -74,15 +74,19 @@ def sweep_models(tmp_path_factory, speech_clips):
 
 
 def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cluster, tmp_path,
-                                                             capsys):
+                                                             capsys, moto_s3):
+    import boto3
+
     from ssip.cli import main
     from ssip.distributed.sweep import load_sweep_inputs, score_chunks
 
     m = sweep_models
+    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    s3.create_bucket(Bucket="ssip-tune")
     rc = main(["sweep", m["ingest"], "--prior", m["prior"], "--likelihood-root", m["likelihood"],
                "--subject", SUBJECT, "--name", "strong", "--address", ray_cluster, *BASE,
                "--set", "values=[0.25, 4.0, 16.0]", "--set", "trials=4", "--set", "chunk=2",
-               "--set", "n_draws=2", "--set", f"storage_path={tmp_path / 'tune'}"])
+               "--set", "n_draws=2", "--set", "storage_path=s3://ssip-tune/sweeps"])
     assert rc == 0
     assert "best" in capsys.readouterr().out
     preset = json.loads(Path(m["likelihood"], "presets", "strong.json").read_text())
@@ -93,7 +97,11 @@ def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cl
     assert e["overrides"]["weight"] in (4.0, 16.0)
     assert e["trials"] == [f"rec1/val{i:04d}" for i in range(16, 20)]
     assert set(e["checkpoints"]) == {"prior", "likelihood"}
-    assert (tmp_path / "tune" / f"sweep-strong-{SUBJECT}").is_dir()
+    # Tune kept its experiment on S3.
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ssip-tune").get("Contents", [])]
+    assert any(k.startswith(f"sweeps/sweep-strong-{SUBJECT}/") and k.endswith("result.json")
+               for k in keys), keys[:20]
+    assert e["tune"]["storage"] == "s3://ssip-tune/sweeps"
 
     # The scores Tune saw are the decoder's: recompute the winner's and the default's here.
     trials, prior, likelihood = load_sweep_inputs(m["ingest"], SUBJECT, m["prior"],
