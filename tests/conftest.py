@@ -144,6 +144,23 @@ def ray_cluster(tmp_path_factory, moto_s3):
         _stop_ray_head(str(tmp), port)
 
 
+@pytest.fixture(scope="module")
+def ray_connected(ray_cluster):
+    """This process connected to the session's ``ray_cluster`` (RAY_ADDRESS set), for a module."""
+    import ray
+
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray_cluster
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster)
+    yield ray_cluster
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = old
+
+
 def _stop_ray_head(temp_dir: str, port: int) -> None:
     """Stop the processes of the Ray head started with ``--temp-dir=temp_dir --port=port`` only.
 

@@ -6,7 +6,6 @@ val residual, re-running the run name resumes), all on the test's `ray start` cl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,22 +61,6 @@ def test_cut_trial_windows_carry_their_receptive_field_and_are_seeded():
     assert len(other["mel"]) != len(out["mel"]) or not np.array_equal(other["mel"], out["mel"])
     empty = cut_trial_windows({k: v[:0] for k, v in batch.items()}, pass_index=0, **kw)
     assert empty["neural"].shape == (0, span, 3) and empty["loss"].dtype == bool
-
-
-@pytest.fixture(scope="module")
-def ray_connected(ray_cluster):
-    import ray
-
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ray_cluster
-    if not ray.is_initialized():
-        ray.init(address=ray_cluster)
-    yield ray_cluster
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
 
 
 def _windows(trials, n, span, rng, min_loss):

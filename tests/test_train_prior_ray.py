@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
@@ -38,22 +37,6 @@ def _speech_root(root, utterances: list[tuple[str, np.ndarray]]) -> str:
     write_json(str(root / "card.json"), {"schema_version": schema.SPEECH_SCHEMA_VERSION,
                                          "shards": shards})
     return str(root)
-
-
-@pytest.fixture(scope="module")
-def ray_connected(ray_cluster):
-    import ray
-
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ray_cluster
-    if not ray.is_initialized():
-        ray.init(address=ray_cluster)
-    yield ray_cluster
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
 
 
 @pytest.fixture(scope="module")

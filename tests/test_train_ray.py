@@ -28,22 +28,6 @@ UNET = {"channels": 8, "emb_channels": 16}
 
 
 @pytest.fixture(scope="module")
-def ray_connected(ray_cluster):
-    import ray
-
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ray_cluster
-    if not ray.is_initialized():
-        ray.init(address=ray_cluster)
-    yield ray_cluster
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
-
-
-@pytest.fixture(scope="module")
 def speech_root(tmp_path_factory, speech_clips):
     from ssip.mel import log_mel
 
