@@ -180,7 +180,8 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     base = dataclasses.replace(base, n_draws=cfg.n_draws, seed=cfg.seed, methods=["dps"])
     settings = grid(cfg, base)
     # Fail here, not in every trial: the subject's val trials and checkpoints must load.
-    trials, _, _ = load_sweep_inputs(ingest, subject, prior, likelihood_root, cfg.trials)
+    trials, prior_model, likelihood = load_sweep_inputs(ingest, subject, prior, likelihood_root,
+                                                        cfg.trials)
     n_chunks = math.ceil(len(trials) / cfg.chunk)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=n_chunks,
                                grace_period=min(cfg.grace_chunks, n_chunks),
@@ -228,10 +229,8 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
         from ssip.config import from_dict
         from ssip.decode import DecodeConfig
 
-        trials, model, likelihood = load_sweep_inputs(ingest, subject, prior, likelihood_root,
-                                                      cfg.trials)
         dcfg = from_dict(DecodeConfig, {**dataclasses.asdict(base), **settings[0]})
-        *_, (n, score) = score_chunks(trials, model, likelihood, dcfg, cfg.chunk)
+        *_, (n, score) = score_chunks(trials, prior_model, likelihood, dcfg, cfg.chunk)
         default = {"setting": settings[0], "score": score, "trials_scored": n,
                    "completed_after_sweep": True}
     entry = {

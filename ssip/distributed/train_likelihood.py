@@ -122,8 +122,10 @@ def subject_index(ingest: str, subject: str, cfg: LikelihoodConfig) -> SubjectIn
         raise ValueError(f"likelihood on Ray: subject {subject!r}'s train shards {uris} hold "
                          f"{sorted(electrodes)} electrodes; one count per subject is needed "
                          f"(re-ingest with the same channels)")
-    val_rows = sum(pq.read_metadata(storage.filesystem(u)[1],
-                                    filesystem=storage.filesystem(u)[0]).num_rows for u in val)
+    val_rows = 0
+    for uri in val:
+        fs, path = storage.filesystem(uri)
+        val_rows += pq.read_metadata(path, filesystem=fs).num_rows
     mean, std = mel_normaliser(mels) if mels else (np.zeros(80), np.ones(80))
     n = int(sum(lengths))
     data_hash = hashlib.sha256(json.dumps([uris, val, n, len(lengths)]).encode()).hexdigest()[:12]
