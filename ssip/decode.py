@@ -29,6 +29,7 @@ Pure library code: no Ray, no file I/O (the commands load checkpoints and write 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import defaultdict
@@ -45,6 +46,8 @@ from ssip.mel import MEL_FLOOR, N_MELS
 from ssip.sampling import (
     NonFiniteSampleError,
     PosteriorDraws,
+    ddpm_sample,
+    dps_ancestral,
     dps_edm,
     edm_sample,
     trial_generator,
@@ -57,6 +60,8 @@ BASELINE_METHODS = ("linear", "nn")
 METHODS = SAMPLED_METHODS + BASELINE_METHODS
 #: ``draw`` of the posterior-mean row (and of the baselines' single prediction).
 MEAN_DRAW = -1
+#: Samplers of DecodeConfig.sampler.
+SAMPLERS = ("edm", "ancestral")
 
 
 @dataclass
@@ -95,6 +100,39 @@ class DecodeConfig:
     seed: int = field(0, help="run seed: draw k of trial t is seeded by (seed, subject/trial, k)")
     batch_size: int = field(8, help="trials per sampler call, each with all its n_draws draws "
                                     "(an optimisation only: results do not depend on it)")
+    # Speed switches (bench/dps_speed.py prints each one's effect on speed and quality). The
+    # defaults are the production path; the naive reference (the published recipe) is
+    # sampler=ancestral, num_steps=1000, batch_size=1, draws_per_call=1, whisper_window=30s,
+    # whisper_layers=all, precision=fp32.
+    sampler: str = field("edm", help="'edm': the few-step EDM Euler/Heun sampler (production); "
+                                     "'ancestral': the paper's DDPM ancestral sampler over "
+                                     "num_steps of its 1000 training steps (weight or zeta rule)")
+    guide_sigma_max: float | None = field(None, help="guide only the steps at noise level <= "
+                                                     "this (null = every step): an unguided "
+                                                     "step skips the likelihood and the "
+                                                     "backward pass (edm sampler)")
+    draws_per_call: int | None = field(None, help="posterior draws per sampler call (null = "
+                                                  "all n_draws of a batch's trials in one "
+                                                  "call; 1 = one draw at a time); results do "
+                                                  "not depend on it")
+    whisper_window: str = field("trial", help="Whisper likelihood input: 'trial' (the trial's "
+                                              "frames only) or '30s' (padded to Whisper's "
+                                              "3000 frames with the padding masked: the same "
+                                              "result at 3000/T times the cost)")
+    whisper_layers: str = field("tap", help="'tap': run the Whisper encoder up to the tapped "
+                                            "layer; 'all': through all its layers (the same "
+                                            "result, more compute)")
+    grad_checkpoint: bool = field(False, help="recompute the denoiser's and likelihood's "
+                                              "activations in the backward pass: less memory "
+                                              "for larger batches, about 1.3x the compute")
+    precision: str = field("auto", help="'fp32'; 'bf16': autocast of the denoiser and "
+                                        "likelihood (the sampler's update stays float64); "
+                                        "'auto': bf16 on CUDA, fp32 on CPU")
+    compile: bool = field(False, help="torch.compile the denoiser and the likelihood (a "
+                                      "one-off compile per batch shape; for GPUs)")
+    compile_mode: str = field("default", help="torch.compile mode: 'default', "
+                                              "'reduce-overhead' (CUDA graphs on a GPU), "
+                                              "'max-autotune'")
 
     def __post_init__(self) -> None:
         self.methods = list(self.methods)
@@ -124,6 +162,45 @@ class DecodeConfig:
         if self.s_min > self.s_max:
             raise ConfigError(f"s_min={self.s_min} exceeds s_max={self.s_max}")
         check_range("batch_size", self.batch_size, 1, None)
+        check_option("sampler", self.sampler, SAMPLERS)
+        if self.sampler == "ancestral":
+            if self.xi is not None:
+                raise ConfigError("sampler=ancestral takes weight or zeta, not xi (the "
+                                  "normalised step is defined for the EDM sampler)")
+            if self.guide_sigma_max is not None:
+                raise ConfigError("guide_sigma_max is for sampler=edm; the ancestral reference "
+                                  "guides every step")
+            if self.num_steps > 1000:
+                raise ConfigError(f"num_steps={self.num_steps}: the ancestral sampler respaces "
+                                  f"its 1000 training steps; choose 1..1000")
+        if self.guide_sigma_max is not None:
+            check_range("guide_sigma_max", self.guide_sigma_max, 0.0, None)
+        if self.draws_per_call is not None:
+            check_range("draws_per_call", self.draws_per_call, 1, None)
+        check_option("whisper_window", self.whisper_window, ("trial", "30s"))
+        check_option("whisper_layers", self.whisper_layers, ("tap", "all"))
+        check_option("precision", self.precision, ("auto", "fp32", "bf16"))
+        check_option("compile_mode", self.compile_mode,
+                     ("default", "reduce-overhead", "max-autotune"))
+
+    def resolved_precision(self, device: torch.device | str) -> str:
+        """'fp32' or 'bf16' on ``device`` ('auto': bf16 on CUDA only)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+    def guide_steps(self) -> list[bool] | None:
+        """Which EDM steps are guided under ``guide_sigma_max`` (None: all)."""
+        if self.guide_sigma_max is None:
+            return None
+        from ssip.sampling.edm import churn_gamma, karras_sigmas
+
+        sig = karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho).tolist()
+        out = []
+        for t in sig[:-1]:
+            t_hat = t * (1 + churn_gamma(t, self.num_steps, self.s_churn, self.s_min, self.s_max))
+            out.append(t_hat <= self.guide_sigma_max)
+        return out
 
 
 def trial_key(trial: Mapping[str, Any]) -> str:
@@ -180,16 +257,75 @@ def _batches(lengths: Sequence[int], factor: int, batch_size: int) -> list[tuple
             for t_pad, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
 
-def prior_denoiser(prior: torch.nn.Module):
-    """The sampler's ``denoiser(x float64, sigma float64)`` over a frozen EDMPrior (float32)."""
+def _autocast(device_type: str, precision: str):
+    """bf16 autocast on ``device_type`` for precision 'bf16', else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _run(fn, grad_checkpoint: bool, *args):
+    """fn(*args), recomputing its activations in the backward pass when asked (and grad is on)."""
+    if grad_checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def prior_denoiser(prior: torch.nn.Module, cfg: DecodeConfig | None = None):
+    """The sampler's ``denoiser(x float64, sigma float64)`` over a frozen EDMPrior (float32).
+
+    ``cfg``'s speed switches apply: ``precision`` (bf16 autocast), ``grad_checkpoint`` and
+    ``compile``; the output is float32 whatever the precision inside.
+    """
+    cfg = cfg or DecodeConfig()
     prior.eval()
     prior.requires_grad_(False)
+    device_type = next(prior.parameters()).device.type
+    precision = cfg.resolved_precision(device_type)
+    net = torch.compile(prior, mode=cfg.compile_mode) if cfg.compile else prior
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return prior(x.float(), sigma.float())
+        with _autocast(device_type, precision):
+            out = _run(net, cfg.grad_checkpoint, x.float(), sigma.float())
+        return out.float()
 
     denoiser.sigma_data = float(prior.sigma_data)  # for the PiGDM-style guidance weight
     return denoiser
+
+
+def _likelihood_forward(likelihood: torch.nn.Module, cfg: DecodeConfig):
+    """The likelihood's A(mel, mask) under ``cfg``'s precision / checkpoint / compile switches."""
+    device_type = likelihood.sigma.device.type
+    precision = cfg.resolved_precision(device_type)
+    net = torch.compile(likelihood, mode=cfg.compile_mode) if cfg.compile else likelihood
+
+    def forward(mel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        with _autocast(device_type, precision):
+            out = _run(net, cfg.grad_checkpoint, mel, mask)
+        return out.float()
+
+    return forward
+
+
+@contextlib.contextmanager
+def whisper_switches(likelihood, cfg: DecodeConfig):
+    """Apply ``cfg.whisper_window`` / ``whisper_layers`` to a Whisper likelihood for a decode."""
+    naive = cfg.whisper_window != "trial" or cfg.whisper_layers != "tap"
+    if likelihood is None or not hasattr(likelihood, "set_speed"):
+        if naive and likelihood is not None:
+            raise ValueError(f"whisper_window={cfg.whisper_window!r} / whisper_layers="
+                             f"{cfg.whisper_layers!r} need a Whisper likelihood; this one is "
+                             f"{type(likelihood).__name__}")
+        yield
+        return
+    before = (likelihood.pad_to, likelihood.all_layers)
+    likelihood.set_speed(pad_to=likelihood.encoder.max_frames
+                         if cfg.whisper_window == "30s" else None,
+                         all_layers=cfg.whisper_layers == "all")
+    try:
+        yield
+    finally:
+        likelihood.set_speed(*before)
 
 
 def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
@@ -267,40 +403,46 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     sampled = [m for m in methods if m in SAMPLED_METHODS]
     if sampled:
         factor = int(getattr(prior, "factor", 8))
-        denoiser = prior_denoiser(prior)
-        schedule = {"num_steps": cfg.num_steps, "sigma_min": cfg.sigma_min,
-                    "sigma_max": cfg.sigma_max, "rho": cfg.rho, "heun": cfg.heun,
-                    "S_churn": cfg.s_churn, "S_min": cfg.s_min, "S_max": cfg.s_max,
-                    "S_noise": cfg.s_noise, "pad_value": MEL_FLOOR}
+        denoiser = prior_denoiser(prior, cfg)
+        if cfg.sampler == "edm":
+            schedule = {"num_steps": cfg.num_steps, "sigma_min": cfg.sigma_min,
+                        "sigma_max": cfg.sigma_max, "rho": cfg.rho, "heun": cfg.heun,
+                        "S_churn": cfg.s_churn, "S_min": cfg.s_min, "S_max": cfg.s_max,
+                        "S_noise": cfg.s_noise, "pad_value": MEL_FLOOR,
+                        "guide_steps": cfg.guide_steps()}
+        else:
+            schedule = {"num_steps": cfg.num_steps, "pad_value": MEL_FLOOR}
+        forward = _likelihood_forward(likelihood, cfg) if guided else None
         device = next(prior.parameters()).device
         batches = _batches(lengths, factor, cfg.batch_size)
         bar = tqdm(total=n, desc=f"decode {subject}", unit="trial", disable=not progress)
-        for t_pad, idx in batches:
-            mask = torch.zeros((len(idx), t_pad), dtype=torch.bool)
-            for b, i in enumerate(idx):
-                mask[b, :lengths[i]] = True
-            mask = mask.to(device)
-            for method in sampled:
-                ys = None
-                if method != "prior":
-                    src = neural if method == "dps" else shuffled
-                    ys = np.stack([_fit_length(src[i], t_pad) for i in idx])  # (B, T_pad, C)
-                n_draws = cfg.n_draws if method == "dps" else cfg.control_draws or cfg.n_draws
-                draws = _sample_batch(method, denoiser, likelihood, ys, mask, t_pad,
-                                      [trial_key(trials[i]) for i in idx], n_draws, cfg,
-                                      schedule, device)
+        with whisper_switches(likelihood if guided else None, cfg):
+            for t_pad, idx in batches:
+                mask = torch.zeros((len(idx), t_pad), dtype=torch.bool)
                 for b, i in enumerate(idx):
-                    t = lengths[i]
-                    rows = out[(i, method)]
-                    for k in range(n_draws):
-                        rows.append(_row(trials[i], method, k, draws.samples[b, k, 0, :, :t]))
-                    mean_row = _row(trials[i], method, MEAN_DRAW, draws.mean[b, 0, :, :t])
-                    # Posterior spread: the draws' std (per element, over draws), averaged over
-                    # the trial's real frames and bins; NaN with a single draw.
-                    mean_row["spread"] = (float(draws.std[b, 0, :, :t].mean()) if n_draws > 1
-                                          else math.nan)
-                    rows.append(mean_row)
-            bar.update(len(idx))
+                    mask[b, :lengths[i]] = True
+                mask = mask.to(device)
+                for method in sampled:
+                    ys = None
+                    if method != "prior":
+                        src = neural if method == "dps" else shuffled
+                        ys = np.stack([_fit_length(src[i], t_pad) for i in idx])  # (B, T_pad, C)
+                    n_draws = cfg.n_draws if method == "dps" else cfg.control_draws or cfg.n_draws
+                    draws = _sample_batch(method, denoiser, likelihood, forward, ys, mask, t_pad,
+                                          [trial_key(trials[i]) for i in idx], n_draws, cfg,
+                                          schedule, device)
+                    for b, i in enumerate(idx):
+                        t = lengths[i]
+                        rows = out[(i, method)]
+                        for k in range(n_draws):
+                            rows.append(_row(trials[i], method, k, draws.samples[b, k, 0, :, :t]))
+                        mean_row = _row(trials[i], method, MEAN_DRAW, draws.mean[b, 0, :, :t])
+                        # Posterior spread: the draws' std (per element, over draws), averaged over
+                        # the trial's real frames and bins; NaN with a single draw.
+                        mean_row["spread"] = (float(draws.std[b, 0, :, :t].mean()) if n_draws > 1
+                                              else math.nan)
+                        rows.append(mean_row)
+                bar.update(len(idx))
         bar.close()
 
     for method in methods:
@@ -310,38 +452,56 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     return [r for i in range(n) for m in methods for r in out[(i, m)]]
 
 
-def _sample_batch(method: str, denoiser, likelihood, ys: np.ndarray | None, mask: torch.Tensor,
-                  t_pad: int, keys: list[str], n_draws: int, cfg: DecodeConfig,
-                  schedule: dict[str, Any], device: torch.device) -> PosteriorDraws:
+def _sample_batch(method: str, denoiser, likelihood, forward, ys: np.ndarray | None,
+                  mask: torch.Tensor, t_pad: int, keys: list[str], n_draws: int,
+                  cfg: DecodeConfig, schedule: dict[str, Any], device: torch.device
+                  ) -> PosteriorDraws:
     """K draws of one padded batch (B trials of T_pad frames) for one sampled method.
 
     All B * K draws go through the sampler in ONE call (item b * K + k is draw k of trial b,
-    seeded by its own generator): the samplers treat items independently, so this equals K
-    calls of B items (:func:`~ssip.sampling.posterior_draws`) up to float rounding, and a
-    larger batch keeps the CPU's matrix kernels busier (about 1.5x faster per draw at 16).
+    seeded by its own generator), or ``cfg.draws_per_call`` draws of every trial per call: the
+    samplers treat items independently, so this equals K calls of B items
+    (:func:`~ssip.sampling.posterior_draws`) up to float rounding, and a larger batch keeps the
+    CPU's matrix kernels busier (about 1.5x faster per draw at 16).
     """
     from ssip.models.likelihood import make_residual
 
-    k = n_draws
-    generators = [trial_generator(cfg.seed, key, d, device=device) for key in keys for d in range(k)]
-    shape = (len(keys) * k, 1, N_MELS, t_pad)
-    mask_k = mask.repeat_interleave(k, dim=0)
-    if method == "prior":
-        sampler = functools.partial(edm_sample, denoiser, frame_mask=mask_k, **schedule)
-    else:
-        residual = make_residual(likelihood, torch.from_numpy(np.repeat(ys, k, axis=0)), mask_k)
-        sampler = functools.partial(dps_edm, denoiser, residual, xi=cfg.xi, zeta=cfg.zeta,
-                                    weight=cfg.weight, inflation=cfg.inflation,
-                                    sigma_data=float(getattr(denoiser, "sigma_data", 0.5)),
-                                    frame_mask=mask_k, **schedule)
-    try:
-        # DPS differentiates through the frozen denoiser and likelihood: grad must be on.
-        with torch.enable_grad():
-            flat = sampler(shape_or_latents=shape, generators=generators)
-    except NonFiniteSampleError as e:
-        bad = sorted({keys[b // k] for b in e.items if b // k < len(keys)})
-        raise NonFiniteSampleError(f"method {method!r}, trials {bad}: {e}", e.step, e.items) from e
-    return PosteriorDraws.from_samples(flat.reshape(len(keys), k, *flat.shape[1:]).float())
+    per_call = min(cfg.draws_per_call or n_draws, n_draws)
+    chunks = []
+    for d0 in range(0, n_draws, per_call):
+        draws = range(d0, min(n_draws, d0 + per_call))
+        k = len(draws)
+        generators = [trial_generator(cfg.seed, key, d, device=device) for key in keys
+                      for d in draws]
+        shape = (len(keys) * k, 1, N_MELS, t_pad)
+        mask_k = mask.repeat_interleave(k, dim=0)
+        if method == "prior":
+            if cfg.sampler == "edm":
+                sampler = functools.partial(edm_sample, denoiser, frame_mask=mask_k, **{
+                    key: v for key, v in schedule.items() if key != "guide_steps"})
+            else:
+                sampler = functools.partial(ddpm_sample, denoiser, frame_mask=mask_k, **schedule)
+        else:
+            residual = make_residual(likelihood, torch.from_numpy(np.repeat(ys, k, axis=0)),
+                                     mask_k, forward=forward)
+            rule = {"zeta": cfg.zeta, "weight": cfg.weight, "inflation": cfg.inflation,
+                    "sigma_data": float(getattr(denoiser, "sigma_data", 0.5))}
+            if cfg.sampler == "edm":
+                sampler = functools.partial(dps_edm, denoiser, residual, xi=cfg.xi,
+                                            frame_mask=mask_k, **rule, **schedule)
+            else:
+                sampler = functools.partial(dps_ancestral, denoiser, residual,
+                                            frame_mask=mask_k, **rule, **schedule)
+        try:
+            # DPS differentiates through the frozen denoiser and likelihood: grad must be on.
+            with torch.enable_grad():
+                flat = sampler(shape_or_latents=shape, generators=generators)
+        except NonFiniteSampleError as e:
+            bad = sorted({keys[b // k] for b in e.items if b // k < len(keys)})
+            raise NonFiniteSampleError(f"method {method!r}, trials {bad}: {e}", e.step,
+                                       e.items) from e
+        chunks.append(flat.reshape(len(keys), k, *flat.shape[1:]).float())
+    return PosteriorDraws.from_samples(torch.cat(chunks, dim=1))
 
 
 def _row(trial: Mapping[str, Any], method: str, draw: int, mel) -> dict[str, Any]:

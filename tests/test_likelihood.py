@@ -230,6 +230,53 @@ def test_residual_masks_padding_and_batch_equals_alone(kind, problem, whisper_fi
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_naive_whisper_switches_equal_the_short_window(whisper_fit, problem):
+    # The naive reference pads every window to Whisper's 3000 frames (padding keys masked) and
+    # runs all 4 encoder layers: the residual and its gradient equal the production path's
+    # (the window's frames, layers up to the tap) to float rounding.
+    model = whisper_fit[0]
+    trials = problem[-2:]
+    lengths = [240, 173]
+    mel, neural, mask = _batch(trials, lengths)
+
+    def norm_and_grad():
+        with torch.enable_grad():
+            x = mel[:, None].double().requires_grad_(True)
+            return residual_norm_grad(make_residual(model, neural, mask), x, x)
+
+    norm, grad = norm_and_grad()
+    try:
+        model.set_speed(pad_to=3000, all_layers=True)
+        assert len(model._rest_layers) == 2
+        n30, g30 = norm_and_grad()
+    finally:
+        model.set_speed()
+    torch.testing.assert_close(n30, norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g30, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+    with pytest.raises(ValueError, match="pad_to"):
+        model.set_speed(pad_to=4000)
+
+
+def test_mel_longer_than_30_s_is_encoded_in_overlapping_windows(whisper_fit):
+    # 3400 frames (34 s): windows [0, 2750) and [2250, 3400), each keeping its centre.
+    from ssip.models.likelihood import LONG_CONTEXT
+
+    model = whisper_fit[0]
+    rng = np.random.default_rng(3)
+    mel = torch.from_numpy(synthetic_mel(rng, 3400))[None]
+    with torch.no_grad():
+        feats = model.features(mel, torch.tensor([3400]))
+        core = 3000 - 2 * LONG_CONTEXT
+        first = model.features(mel[..., :core + LONG_CONTEXT], torch.tensor([core + LONG_CONTEXT]))
+        a = core - LONG_CONTEXT
+        second = model.features(mel[..., a:], torch.tensor([3400 - a]))
+        out = model(mel)
+    assert feats.shape == (1, 3400, first.shape[2]) and out.shape == (1, 3400, N_EL)
+    torch.testing.assert_close(feats[:, :core], first[:, :core], rtol=0, atol=0)
+    torch.testing.assert_close(feats[:, core:], second[:, LONG_CONTEXT:], rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training on the synthetic forward problem.
 

@@ -276,7 +276,8 @@ class Likelihood(nn.Module):
         return self.head(self.features(mel, lengths), lengths)
 
     def whitened_residual(self, mel: torch.Tensor, neural: torch.Tensor,
-                          frame_mask: torch.Tensor | None = None
+                          frame_mask: torch.Tensor | None = None,
+                          forward: Callable | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(neural - A(mel)) / sigma per electrode, zero on padding, and its mask.
 
@@ -285,6 +286,8 @@ class Likelihood(nn.Module):
         mel : Tensor, shape (B, 80, T)
         neural : Tensor, shape (B, T, C)
         frame_mask : bool Tensor, shape (B, T), optional
+        forward : callable, optional
+            ``forward(mel, frame_mask)`` computing A(mel) in place of ``self``.
 
         Returns
         -------
@@ -297,7 +300,7 @@ class Likelihood(nn.Module):
         if tuple(neural.shape) != (b, t, self.n_electrodes):
             raise ValueError(f"neural has shape {tuple(neural.shape)}; expected (B, T, C) = "
                              f"({b}, {t}, {self.n_electrodes}) to match the mel and the model")
-        pred = self(mel, frame_mask)  # (B, T, C)
+        pred = (forward or self)(mel, frame_mask)  # (B, T, C)
         r = (neural.to(pred) - pred) / self.sigma
         if frame_mask is None:
             r_mask = torch.ones((b, t, 1), dtype=torch.bool, device=r.device)
@@ -330,6 +333,10 @@ class ConvLikelihood(Likelihood):
     def features(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = mel.to(self.mel_mean)
         return ((x - self.mel_mean[:, None]) / self.mel_std[:, None]).transpose(1, 2)  # (B, T, 80)
+
+
+#: Frames of context on each inner side of the 30 s windows that encode a longer mel.
+LONG_CONTEXT = 250
 
 
 class WhisperLikelihood(Likelihood):
@@ -366,6 +373,26 @@ class WhisperLikelihood(Likelihood):
             window.layers[i] = copy.deepcopy(window.layers[i]).requires_grad_(True)
         self.encoder = window
         self._trained_layers = set(range(first, config.layer))
+        # The layers past the tap, for the naive reference path only (`all_layers`): held in a
+        # tuple, not registered, so checkpoints and state dicts do not change.
+        self._rest_layers = tuple(list(encoder.layers)[config.layer:])
+        #: Speed switches of the decoder (DecodeConfig), both off on the production path:
+        #: ``pad_to`` pads every window to that many frames (3000 = Whisper's 30 s input) with
+        #: the padding's keys masked, so results equal the short window's up to float rounding;
+        #: ``all_layers`` runs the encoder's layers past the tap too (their output is unused).
+        self.pad_to: int | None = None
+        self.all_layers = False
+
+    def set_speed(self, pad_to: int | None = None, all_layers: bool = False) -> None:
+        """Set the naive-path switches (see ``pad_to`` / ``all_layers``); defaults = production."""
+        if pad_to is not None and not 1 <= int(pad_to) <= self.encoder.max_frames:
+            raise ValueError(f"pad_to={pad_to}: Whisper takes 1..{self.encoder.max_frames} frames")
+        self.pad_to = None if pad_to is None else int(pad_to)
+        self.all_layers = bool(all_layers)
+        if all_layers:
+            w = self.encoder.conv1.weight
+            for block in self._rest_layers:
+                block.to(device=w.device, dtype=w.dtype).requires_grad_(False)
 
     @property
     def backbone_frozen(self) -> bool:
@@ -386,14 +413,28 @@ class WhisperLikelihood(Likelihood):
         Each item runs as it would alone on its first ``length`` frames (odd lengths padded by
         one mel-floor frame, as Whisper's conv2 has stride 2): the mel past the item's length is
         zeroed, which is what conv1 zero-pads alone, and attention masks the keys of padded
-        50 Hz positions.
+        50 Hz positions. A mel longer than Whisper's 30 s is encoded in overlapping 30 s
+        windows (:data:`LONG_CONTEXT` frames of context on each inner side), each window's
+        centre kept.
         """
+        t = mel.shape[2]
+        w = self.encoder.max_frames
+        if t <= w:
+            return self._window_features(mel, lengths)
+        core = w - 2 * LONG_CONTEXT
+        parts = []
+        for c0 in range(0, t, core):
+            a, b = max(0, c0 - LONG_CONTEXT), min(t, c0 + core + LONG_CONTEXT)
+            feats = self._window_features(mel[:, :, a:b], (lengths - a).clamp(0, b - a))
+            parts.append(feats[:, c0 - a: min(t, c0 + core) - a])
+        return torch.cat(parts, dim=1)
+
+    def _window_features(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
         b, _, t = mel.shape
-        if t > enc.max_frames:
-            raise ValueError(f"WhisperLikelihood: mel of {t} frames; Whisper takes at most "
-                             f"{enc.max_frames} (30 s): split the trial into windows")
         t_even = t + t % 2
+        if self.pad_to is not None:
+            t_even = max(t_even, int(self.pad_to))
         enc_len = lengths + lengths % 2  # (B,) even encoder lengths
         x = F.pad(mel.to(enc.conv1.weight), (0, t_even - t))  # (B, 80, T_even)
         pos = torch.arange(t_even, device=x.device)[None, None, :]
@@ -418,6 +459,12 @@ class WhisperLikelihood(Likelihood):
             x = block(x, bias)  # (B, T2, d)
         if enc.layer == enc.num_layers:
             x = enc.layer_norm(x)
+        elif self.all_layers:
+            # The naive reference: the whole encoder runs, the tap is read off the way.
+            h = x
+            for block in self._rest_layers:
+                h = block(h, bias)
+            enc.layer_norm(h)
         # Nearest 50 -> 100 Hz (frame t -> position t // 2; position j is centred on frame 2j):
         # pointwise in time, so it never mixes padding into real frames; the head smooths.
         return x.repeat_interleave(2, dim=1)[:, :t]  # (B, T, d)
@@ -436,7 +483,7 @@ def build_likelihood(config: LikelihoodConfig, n_electrodes: int,
 
 
 def make_residual(model: Likelihood, neural: torch.Tensor | np.ndarray,
-                  frame_mask: torch.Tensor | None = None
+                  frame_mask: torch.Tensor | None = None, forward: Callable | None = None
                   ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The ``residual(x0_hat) -> (r, r_mask)`` callable that :mod:`ssip.sampling.dps` guides with.
 
@@ -450,6 +497,9 @@ def make_residual(model: Likelihood, neural: torch.Tensor | np.ndarray,
         Observed neural features of the trials (z-scored, 100 Hz), right-padded.
     frame_mask : bool Tensor, shape (B, T), optional
         True on real frames.
+    forward : callable, optional
+        ``forward(mel, frame_mask) -> A(mel)`` to use instead of ``model`` itself (the decoder's
+        autocast / checkpointed / compiled call of it).
 
     Returns
     -------
@@ -472,7 +522,7 @@ def make_residual(model: Likelihood, neural: torch.Tensor | np.ndarray,
         if mel.ndim != 3 or tuple(mel.shape) != (y.shape[0], N_MELS, y.shape[1]):
             raise ValueError(f"residual: x0_hat has shape {tuple(x0_hat.shape)}; expected "
                              f"({y.shape[0]}, 1, {N_MELS}, {y.shape[1]}) to match the neural data")
-        return model.whitened_residual(mel, y, mask)
+        return model.whitened_residual(mel, y, mask, forward=forward)
 
     return residual
 

@@ -8,6 +8,7 @@
 from ssip.sampling.dps import (
     PosteriorDraws,
     ddpm_alpha_bars,
+    ddpm_sample,
     dps_ancestral,
     dps_edm,
     epsilon_from_denoised,
@@ -37,6 +38,7 @@ __all__ = [
     "c_out",
     "c_skip",
     "ddpm_alpha_bars",
+    "ddpm_sample",
     "dps_ancestral",
     "dps_edm",
     "edm_sample",

@@ -260,11 +260,14 @@ def respaced_timesteps(num_steps: int, num_train_steps: int = 1000) -> torch.Ten
 
 def dps_ancestral(
     denoiser: Denoiser,
-    residual: Residual,
+    residual: Residual | None,
     shape_or_latents: Sequence[int] | torch.Tensor,
     generators: Sequence[torch.Generator],
     *,
-    zeta: float,
+    zeta: float | None = None,
+    weight: float | None = None,
+    inflation: float = 0.0,
+    sigma_data: float = 0.5,
     num_steps: int = 1000,
     num_train_steps: int = 1000,
     beta_start: float = 1e-4,
@@ -281,7 +284,12 @@ def dps_ancestral(
     x'_{t-1} = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat
                + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t + sigma~_t z,
     with the posterior variance sigma~_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) (no noise on
-    the last step); then x_{t-1} = x'_{t-1} - zeta grad_{x_t} ||r_b(x0_hat)|| per trial.
+    the last step); then x_{t-1} = x'_{t-1} - zeta grad_{x_t} ||r_b(x0_hat)|| per trial (the
+    paper's step), or, with ``weight``, the Gaussian likelihood's score in the ancestral step:
+    x'_{t-1} is (x_t + beta_t score) / sqrt(alpha_t), so the guidance adds
+    -(beta_t / sqrt(alpha_t)) w_t ||r_b|| grad_{x_t} ||r_b||, w_t = weight / (1 + inflation
+    r_t^2) as in :func:`dps_edm` (sigma_t = sqrt((1 - abar_t) / abar_t)): the same guidance as the
+    EDM sampler's ``weight`` rule, discretised for DDPM, with no step size to retune.
 
     Parameters
     ----------
@@ -291,6 +299,9 @@ def dps_ancestral(
         x_T ~ N(0, I) in VP units, drawn per item or given.
     zeta : float
         Step on the non-squared norm (the DPS code's ``scale``; 0.3-1.0 there), in VP units.
+    weight, inflation, sigma_data : float
+        Instead of zeta: the Gaussian likelihood score's weight (1 = calibrated), and the
+        PiGDM-style down-weighting as in :func:`dps_edm`.
     num_steps : int
         Sampling steps; 1000 is the paper's sampler, fewer respaces the schedule.
     num_train_steps, beta_start, beta_end
@@ -300,8 +311,10 @@ def dps_ancestral(
     -------
     torch.Tensor, shape (B, *S), float32
     """
-    if not (math.isfinite(zeta) and zeta >= 0):
-        raise ValueError(f"zeta={zeta}: the guidance step size must be finite and >= 0")
+    if (zeta is None) == (weight is None):
+        raise ValueError(f"dps_ancestral: give exactly one of zeta (the paper's constant step) or "
+                         f"weight (Gaussian likelihood score), got zeta={zeta}, weight={weight}")
+    _check_step_rule(zeta, None, weight, inflation)
     alpha_bar_train = ddpm_alpha_bars(num_train_steps, beta_start, beta_end)
     alpha_bars = alpha_bar_train[respaced_timesteps(num_steps, num_train_steps)].tolist()
     x = initial_latents(shape_or_latents, generators, device)
@@ -313,12 +326,15 @@ def dps_ancestral(
         abar_prev = alpha_bars[i - 1] if i > 0 else 1.0
         beta_t = 1.0 - abar_t / abar_prev
         sigma_t = vp_sigma(abar_t)
-        # x0_hat through the EDM denoiser, with the graph to x_t.
-        with torch.enable_grad():
-            x_t = x.detach().requires_grad_(True)
+        # x0_hat through the EDM denoiser, with the graph to x_t when guided.
+        guided = residual is not None
+        norm = grad = None
+        with torch.enable_grad() if guided else torch.no_grad():
+            x_t = x.detach().requires_grad_(guided)
             sigma = torch.full((B,), sigma_t, dtype=torch.float64, device=x.device)
             x0_hat = denoiser(x_t / math.sqrt(abar_t), sigma).double()
-            norm, grad = residual_norm_grad(residual, x0_hat, x_t)
+            if guided:
+                norm, grad = residual_norm_grad(residual, x0_hat, x_t)
         x0_hat, x_t = x0_hat.detach(), x_t.detach()
         with torch.no_grad():
             # Ancestral step: posterior q(x_{t-1} | x_t, x0_hat).
@@ -329,11 +345,33 @@ def dps_ancestral(
             var = beta_t * (1.0 - abar_prev) / (1.0 - abar_t)
             x = mean + math.sqrt(var) * item_noise_like(generators, x_t) if i > 0 else mean
             # DPS step, per trial, on real frames only.
-            x = x - zeta * fill_padding(grad, mask, 0.0)
+            if not guided:
+                pass
+            elif zeta is not None:
+                grad = fill_padding(grad, mask, 0.0)
+                x = x - zeta * grad
+            else:
+                grad = fill_padding(grad, mask, 0.0)
+                r2 = sigma_data**2 * sigma_t**2 / (sigma_data**2 + sigma_t**2)
+                w = weight / (1.0 + inflation * r2)
+                sq_grad = norm.reshape(-1, *([1] * (grad.ndim - 1))) * grad
+                x = x - beta_t / math.sqrt(1.0 - beta_t) * w * sq_grad
             check_finite(x, step, sigma_t, "dps_ancestral")
         if callback is not None:
             callback(step, sigma_t, x0_hat, norm)
     return fill_padding(x, mask, pad_value).float()
+
+
+def ddpm_sample(
+    denoiser: Denoiser,
+    shape_or_latents: Sequence[int] | torch.Tensor,
+    generators: Sequence[torch.Generator],
+    **kwargs,
+) -> torch.Tensor:
+    """Unguided DDPM ancestral samples from the EDM denoiser (:func:`dps_ancestral` without a
+    likelihood): the prior control of the ancestral reference. Keywords as there, but for the
+    guidance rule."""
+    return dps_ancestral(denoiser, None, shape_or_latents, generators, zeta=0.0, **kwargs)
 
 
 class PosteriorDraws(NamedTuple):
