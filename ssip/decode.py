@@ -20,8 +20,8 @@ Draw k of trial t is seeded by ``trial_generator(cfg.seed, "<subject>/<trial_id>
 method draws it the same way, so a trial's rows never depend on its batch-mates, the batch size
 or the worker that ran it. The EDM UNet mixes frames (convolutions, attention), so a batch is
 only exact when all its trials are padded to the same length: trials are grouped by their padded
-length (T rounded up to the UNet's downsampling factor, 8 for the presets) and each group is
-split into batches of ``batch_size``. Padded frames carry a frame mask (unguided, MEL_FLOOR in
+length (T rounded up to the UNet's downsampling factor, 8 for the presets, or to
+``pad_multiple``) and each group is split into batches of ``batch_size``. Padded frames carry a frame mask (unguided, MEL_FLOOR in
 the output) and are cropped off.
 
 Pure library code: no Ray, no file I/O (the commands load checkpoints and write the table).
@@ -111,6 +111,12 @@ class DecodeConfig:
                                                      "this (null = every step): an unguided "
                                                      "step skips the likelihood and the "
                                                      "backward pass (edm sampler)")
+    pad_multiple: int | None = field(None, help="pad each trial to a multiple of this many "
+                                                "frames (null = the UNet's factor, 8 for the "
+                                                "presets): coarser buckets put more trials of "
+                                                "similar length in one batch; a trial's padding "
+                                                "depends on its own length only, so batching "
+                                                "still equals decoding it alone")
     draws_per_call: int | None = field(None, help="posterior draws per sampler call (null = "
                                                   "all n_draws of a batch's trials in one "
                                                   "call; 1 = one draw at a time); results do "
@@ -177,11 +183,17 @@ class DecodeConfig:
             check_range("guide_sigma_max", self.guide_sigma_max, 0.0, None)
         if self.draws_per_call is not None:
             check_range("draws_per_call", self.draws_per_call, 1, None)
+        if self.pad_multiple is not None:
+            check_range("pad_multiple", self.pad_multiple, 1, None)
         check_option("whisper_window", self.whisper_window, ("trial", "30s"))
         check_option("whisper_layers", self.whisper_layers, ("tap", "all"))
         check_option("precision", self.precision, ("auto", "fp32", "bf16"))
         check_option("compile_mode", self.compile_mode,
                      ("default", "reduce-overhead", "max-autotune"))
+
+    def pad_factor(self, unet_factor: int) -> int:
+        """The padding multiple of a trial: lcm of the UNet's factor and ``pad_multiple``."""
+        return math.lcm(int(unet_factor), int(self.pad_multiple or 1))
 
     def resolved_precision(self, device: torch.device | str) -> str:
         """'fp32' or 'bf16' on ``device`` ('auto': bf16 on CUDA only)."""
@@ -343,7 +355,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
         shuffled pairing (trial i takes trial i+1's neural, cyclically).
     prior : EDMPrior
         The mel prior; frozen and put in eval mode here. Its ``factor`` (UNet downsampling)
-        sets the padding multiple (8 when absent).
+        sets the padding multiple (8 when absent), with ``cfg.pad_multiple`` when given.
     likelihood : Likelihood or None
         The subject's forward model (:mod:`ssip.models.likelihood`), frozen here; may be None
         when no DPS method is asked for.
@@ -402,7 +414,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
 
     sampled = [m for m in methods if m in SAMPLED_METHODS]
     if sampled:
-        factor = int(getattr(prior, "factor", 8))
+        factor = cfg.pad_factor(int(getattr(prior, "factor", 8)))
         denoiser = prior_denoiser(prior, cfg)
         if cfg.sampler == "edm":
             schedule = {"num_steps": cfg.num_steps, "sigma_min": cfg.sigma_min,

@@ -161,6 +161,35 @@ def ray_connected(ray_cluster):
         os.environ["RAY_ADDRESS"] = old
 
 
+def start_ray_head(tmp: Path, *, dashboard: bool = False, num_cpus: int = 2) -> dict:
+    """``ray start --head`` on 127.0.0.1 beside the session's ``ray_cluster``, every port its own.
+
+    Another head (the session's) already holds the default agent, metrics and client ports on
+    this machine: a second head's dashboard agent would fail to bind them (and a job server
+    would answer "No available agent" forever). Returns ``address``, ``port``, ``temp_dir``,
+    ``metrics_port`` and, with the dashboard, ``dashboard`` (its http URL); stop it with
+    ``_stop_ray_head(info["temp_dir"], info["port"])``.
+    """
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    port, metrics = _free_port(), _free_port()
+    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           f"--num-cpus={num_cpus}", f"--temp-dir={tmp}", "--disable-usage-stats",
+           f"--dashboard-agent-listen-port={_free_port()}",
+           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+    info = {"address": f"127.0.0.1:{port}", "port": port, "temp_dir": str(tmp),
+            "metrics_port": metrics}
+    if dashboard:
+        dash = _free_port()
+        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}"]
+        info["dashboard"] = f"http://127.0.0.1:{dash}"
+    else:
+        cmd += ["--include-dashboard=false"]
+    subprocess.run(cmd, check=True, env=dict(os.environ), capture_output=True, timeout=180)
+    return info
+
+
 def _stop_ray_head(temp_dir: str, port: int) -> None:
     """Stop the processes of the Ray head started with ``--temp-dir=temp_dir --port=port`` only.
 

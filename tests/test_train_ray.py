@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ssip.models.prior import PriorConfig
-from tests.conftest import _free_port, _stop_ray_head
+from tests.conftest import _stop_ray_head, start_ray_head
 from tests.test_train_prior_ray import _speech_root
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -159,18 +159,8 @@ def job_head(tmp_path_factory, moto_s3):
     """A Ray head with the dashboard (the job server) on 127.0.0.1; yields its HTTP address."""
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     tmp = tmp_path_factory.mktemp("rayjobs")
-    port, dash = _free_port(), _free_port()
-    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats",
-           # Another head (the session's ray_cluster) already holds the default agent, metrics
-           # and client ports on this machine: a second head's dashboard agent would fail to
-           # bind, and the job server would answer "No available agent" forever.
-           f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
-    subprocess.run(cmd, check=True, env=dict(os.environ), capture_output=True, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
+    head = start_ray_head(tmp, dashboard=True)
+    port, address = head["port"], head["dashboard"]
     try:
         # The job server answers before the head's job agent has registered ("No available agent
         # to submit job"): wait until a trivial job goes through.

@@ -29,9 +29,9 @@ Finish (driver)
     run key, configs, counts (trials planned / decoded / quarantined, per subject), seconds per
     trial, samples per second, and the quarantine reasons.
 
-Metrics: every actor exports ``ssip_decode_trials`` (counter, label ``status``: decoded |
-quarantined), ``ssip_decode_seconds_per_trial`` and ``ssip_decode_samples_per_second`` (gauges),
-labels ``run`` and ``subject``, through ``ray.util.metrics``.
+Metrics (:mod:`ssip.distributed.metrics`): every actor exports ``ssip_decode_trials`` (counter,
+label ``status``: decoded | quarantined), ``ssip_decode_seconds_per_trial`` and
+``ssip_decode_samples_per_second`` (gauges), labels ``run`` and ``subject``.
 """
 
 from __future__ import annotations
@@ -197,16 +197,11 @@ class DecodeActor:
 
     def _metric(self):
         if self._metrics is None:
-            from ray.util.metrics import Counter, Gauge
+            from ssip.distributed.metrics import make
 
-            keys = ("run", "subject")
-            self._metrics = (
-                Counter("ssip_decode_trials", "trials finished by the bulk decoder",
-                        tag_keys=(*keys, "status")),
-                Gauge("ssip_decode_seconds_per_trial", "decode seconds per trial of the last "
-                      "unit", tag_keys=keys),
-                Gauge("ssip_decode_samples_per_second", "posterior draws per second of the last "
-                      "unit", tag_keys=keys))
+            self._metrics = tuple(make(n) for n in ("ssip_decode_trials",
+                                                    "ssip_decode_seconds_per_trial",
+                                                    "ssip_decode_samples_per_second"))
         return self._metrics
 
     def _models(self, subject: str):
@@ -421,7 +416,8 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
     t_start = time.perf_counter()
     from ssip.models.prior import load_prior
 
-    factor = int(getattr(load_prior(prior)[0], "factor", 8))  # the UNet's padding multiple
+    # The trials' padding multiple (the UNet's factor, or cfg.pad_multiple's buckets).
+    factor = cfg.pad_factor(int(getattr(load_prior(prior)[0], "factor", 8)))
     # The run key: what was decoded with what. The same key re-run resumes; another key is
     # another run (its units have other names).
     subject_overrides = dict(subject_overrides or {})

@@ -350,22 +350,16 @@ def run_folder(cfg: RayTrainConfig, name: str) -> str:
 class TrainMetrics:
     """Training metrics to Ray (``ray.util.metrics``) and, on rank 0, to ``metrics.jsonl``."""
 
-    def __init__(self, model: str, run: str, folder: str | None, rank: int):
-        from ray.util.metrics import Counter, Gauge
+    def __init__(self, model: str, run: str, folder: str | None, rank: int,
+                 subject: str = "-"):
+        from ssip.distributed.metrics import make
 
-        self.tags = {"model": model, "run": run}
-        keys = ("model", "run")
-        self.samples = Counter("ssip_train_samples", "training samples (windows) seen by all "
-                               "workers", tag_keys=keys)
-        self.loss = Gauge("ssip_train_loss", "training loss over the last log interval, all "
-                          "workers; bucket=all or the quartile q1..q4 of the training sigma",
-                          tag_keys=(*keys, "bucket"))
-        self.rate = Gauge("ssip_train_samples_per_second", "training throughput, all workers",
-                          tag_keys=keys)
-        self.wait = Counter("ssip_train_data_wait_seconds", "seconds rank 0 waited on the input "
-                            "pipeline", tag_keys=keys)
-        self.wait_fraction = Gauge("ssip_train_data_wait_fraction", "share of the last interval "
-                                   "rank 0 spent waiting on data", tag_keys=keys)
+        self.tags = {"model": model, "subject": subject, "run": run}
+        self.samples = make("ssip_train_samples")
+        self.loss = make("ssip_train_loss")
+        self.rate = make("ssip_train_samples_per_second")
+        self.wait = make("ssip_train_data_wait_seconds")
+        self.wait_fraction = make("ssip_train_data_wait_fraction")
         self.path = storage.join(folder, METRICS_NAME) if folder and rank == 0 else None
         self.rows: list[dict[str, Any]] = []
         if self.path and storage.exists(self.path):  # a resumed run appends to its history

@@ -315,7 +315,8 @@ def likelihood_worker_loop(config: dict[str, Any]) -> None:
                                   ray_cfg.shuffle_buffer, rank_seed(cfg.seed, rank),
                                   what=f"likelihood training ({subject})")
     it = iter(batches)
-    metrics = TrainMetrics("likelihood", config["run"], run_folder(ray_cfg, config["run"]), rank)
+    metrics = TrainMetrics("likelihood", config["run"], run_folder(ray_cfg, config["run"]), rank,
+                           subject=subject)
     if resume:
         metrics.resume_at(samples_seen, wait)
     after_step = kill_hook(config.get("debug_kill"), rank)
