@@ -202,3 +202,13 @@ def test_parse_request_without_a_server():
     assert e.value.status == 422
     with pytest.raises(Exception, match="max_ongoing_requests=4 is below max_batch_size=8"):
         ServeConfig(max_batch_size=8, max_ongoing_requests=4)
+
+
+def test_serve_command_prints_its_configs_on_dry_run(capsys):
+    from ssip.cli import main
+
+    assert main(["serve", "--prior", "p", "--likelihood-root", "l", "--serve-set", "port=8123",
+                 "--set", "n_draws=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# ServeConfig" in out and "port: 8123" in out and "host: 127.0.0.1" in out
+    assert "# DecodeConfig" in out and "n_draws: 3" in out
