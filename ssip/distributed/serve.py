@@ -344,7 +344,7 @@ class OnlineDecoder:
     # -- decoding -------------------------------------------------------------------------------
 
     async def _decode_batch_impl(self, reqs: list[DecodeRequest]) -> list[Any]:
-        self._batch_metric().observe(len(reqs), tags={"app": self.cfg.app_name})
+        self._metric_set()[2].observe(len(reqs), tags={"app": self.cfg.app_name})
         return await asyncio.to_thread(self._decode_group, reqs)
 
     def _likelihood(self, subject: str):
@@ -424,9 +424,6 @@ class OnlineDecoder:
         requests.inc(1, tags={"subject": subject, "code": str(code)})
         if code == 200:
             latency.observe(seconds, tags={"subject": subject})
-
-    def _batch_metric(self):
-        return self._metric_set()[2]
 
 
 def _with_batching(cls):
