@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps py-neuromodulation==0.1.3
 	touch $(STAMP)
 
 lint: setup

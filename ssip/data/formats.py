@@ -7,6 +7,13 @@
   beside BIDS ``_channels.tsv``, ``_events.tsv`` (onsets relative to the recording start) and
   ``_ieeg.json``. Differences from the real files: audio at 16 kHz (theirs 48 kHz), no
   ``Stimulus`` acquisition (the words are in events.tsv), prompts of one or more words.
+- :func:`write_bids_ieeg_subject` writes the subject as a plain BIDS-iEEG dataset through
+  MNE-BIDS (``write_raw_bids``, BrainVision), as most labs' recordings are: ``_ieeg.vhdr/.eeg/
+  .vmrk`` (ECoG in µV, bad channels marked in channels.tsv, PowerLineFrequency in the sidecar),
+  an ``_events.tsv`` with the prompts (trial_type word, word, utt_id, task) and the speech either
+  as one 32-bit float WAV per run beside the recording (``{basename}_audio.wav``, the exact
+  simulated track; listed in ``.bidsignore``) or as one WAV per prompt under ``stimuli/`` named by
+  events.tsv's ``stim_file`` column (the perception-dataset layout).
 - :func:`write_flinker` mimics HB02.h5 of Chen et al. 2024 (Flinker lab, Mendeley fp4bv9gtwk
   v2): ``ecog_alldataset`` high gamma at 125 Hz of the good electrodes, ``wave_re_alldataset``,
   trial start/end as 125 Hz frame indices, ``label_alldataset``, ``TestNum_cum``. Formant,
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,6 +173,102 @@ def write_bids_subject(sim: SimulatedSubject, root: str | Path,
         "RecordingType": "continuous",
     }, indent=2) + "\n")
     return [nwb_path, channels, events, sidecar]
+
+
+#: Where the simulated corpus keeps its MNE-BIDS (BrainVision) tree, beside the iBIDS NWB one.
+BIDS_IEEG_DIR = "bids-brainvision"
+
+
+def write_bids_ieeg_dataset(root: str | Path, config_hash: str) -> Path:
+    """``dataset_description.json`` of the BrainVision tree (MNE-BIDS's writer)."""
+    from mne_bids import make_dataset_description
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    make_dataset_description(
+        path=root, name="ssip simulated speech-production iEEG (real prompts, simulated responses)",
+        dataset_type="raw", data_license="CC-BY-SA-3.0 (asterisk prompts); see ../corpus.json",
+        authors=["ssip corpus build"], generated_by=[{"Name": "ssip corpus build",
+                                                      "Description": f"config hash {config_hash}"}],
+        overwrite=True, verbose="error")
+    return root / "dataset_description.json"
+
+
+def write_bids_ieeg_subject(sim: SimulatedSubject, root: str | Path, *,
+                            audio: str = "file", fmt: str = "BrainVision") -> list[Path]:
+    """Write one subject as BIDS-iEEG (BrainVision) through MNE-BIDS; see the module docstring.
+
+    Parameters
+    ----------
+    sim : SimulatedSubject
+    root : path
+        BIDS root (``dataset_description.json`` is written by MNE-BIDS when missing).
+    audio : str
+        ``file`` (one WAV per run beside the recording) or ``stim_file`` (a WAV per prompt
+        under ``root/stimuli/``, named in events.tsv).
+    fmt : str
+        MNE-BIDS raw format: ``BrainVision`` (float32, exact) or ``EDF`` (16-bit per channel
+        over its own range; needs the edfio package).
+
+    Returns
+    -------
+    list of Path
+        The recording's files (header, data, markers, sidecars, audio).
+    """
+    import mne
+    import soundfile as sf
+    from mne_bids import BIDSPath, write_raw_bids
+
+    if audio not in ("file", "stim_file"):
+        raise ValueError(f"audio={audio!r} is not allowed; choose one of ['file', 'stim_file']")
+    root = Path(root)
+    info = mne.create_info(list(sim.channel_names), sim.sfreq, "ecog")
+    info["line_freq"] = sim.line_freq
+    raw = mne.io.RawArray(sim.raw.T.astype(np.float64) * 1e-6, info, verbose="error")  # µV -> V
+    raw.info["bads"] = [n for n, b in zip(sim.channel_names, sim.bad, strict=True) if b]
+    raw.set_meas_date(None)  # no clock time: a rebuild writes the same files
+    bp = BIDSPath(subject=sim.subject, task=TASK_NAME, datatype="ieeg", root=root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MNE-BIDS warns about optional fields a simulation lacks
+        write_raw_bids(raw, bp, format=fmt, allow_preload=True, overwrite=True, verbose="error")
+    del raw
+    base = root / f"sub-{sim.subject}" / "ieeg"
+    stem = f"sub-{sim.subject}_task-{TASK_NAME}"
+    files = sorted(base.glob(f"{stem}_*"))
+    header = ["onset", "duration", "trial_type", "word", "utt_id", "task"]
+    rows = []
+    for tr in sim.trials:
+        rows.append([f"{tr.onset_s:.6f}", f"{tr.duration_s:.6f}", "word", tr.transcript,
+                     tr.utt_id, str(tr.task)])
+    if audio == "file":
+        wav = base / f"{stem}_audio.wav"
+        sf.write(wav, sim.audio, melmod.SAMPLE_RATE, subtype="FLOAT")
+        files.append(wav)
+        ignore = root / ".bidsignore"
+        lines = ignore.read_text().splitlines() if ignore.exists() else []
+        if "*_audio.wav" not in lines:
+            ignore.write_text("\n".join([*lines, "*_audio.wav"]) + "\n")
+    else:
+        header.append("stim_file")
+        (root / "stimuli").mkdir(parents=True, exist_ok=True)
+        for tr, row in zip(sim.trials, rows, strict=True):
+            s0 = int(round(tr.onset_s * melmod.SAMPLE_RATE))
+            clip = sim.audio[s0: s0 + int(round(tr.duration_s * melmod.SAMPLE_RATE))]
+            rel = f"sub-{sim.subject}/{tr.utt_id.replace('/', '_')}.wav"
+            (root / "stimuli" / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(root / "stimuli" / rel, clip, melmod.SAMPLE_RATE, subtype="FLOAT")
+            row.append(rel)
+    events = base / f"{stem}_events.tsv"
+    _write_tsv(events, header, rows)
+    (base / f"{stem}_events.json").write_text(json.dumps({
+        "trial_type": {"Description": "word: a spoken prompt"},
+        "word": {"Description": "what was said (the prompt's transcript)"},
+        "utt_id": {"Description": "speech corpus utterance id of the prompt"},
+        "task": {"Description": "task block (1-based)"},
+        **({"stim_file": {"Description": "the prompt's audio, relative to stimuli/"}}
+           if audio == "stim_file" else {}),
+    }, indent=2) + "\n")
+    return sorted({*files, events})
 
 
 def write_flinker(sim: SimulatedSubject, path: str | Path) -> Path:

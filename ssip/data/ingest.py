@@ -21,7 +21,9 @@ from ssip import mel as melmod
 from ssip import storage
 from ssip.config import check_option, check_range, field
 from ssip.data import schema
+from ssip.data.bids import BidsConfig
 from ssip.data.readers import Recording, RecordingError
+from ssip.data.reference import REFERENCES
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ log = logging.getLogger(__name__)
 class IngestConfig:
     """How recordings become trials. Every field is saved in the ingest manifest."""
 
-    format: str = field("auto", help="auto | nwb | flinker: which recordings under the input to read")
+    format: str = field("auto", help="auto | nwb | flinker | bids: which recordings under the input "
+                                     "to read (bids: any BIDS-iEEG dataset, through MNE-BIDS)")
     margin_s: float = field(0.3, help="s of context kept before and after each trial's speech "
                             "(neural leads speech by 50-200 ms; the likelihood sees both sides)")
     frame_rate: float = field(100.0, help="frames/s of neural features; must equal the mel's 100")
@@ -43,9 +46,15 @@ class IngestConfig:
     flat_std_ratio: float = field(1e-3, help="a channel whose std is below this times the median is flat")
     exploding_std_ratio: float = field(20.0, help="a channel whose std is above this times the median is exploding")
     max_duration_mismatch_s: float = field(1.0, help="audio and neural durations may differ by this much")
+    reference: str = field("none", help="re-referencing of raw signals: none | average (common "
+                                        "average per electrode group) | bipolar (neighbouring "
+                                        "contacts of each sEEG shaft); see ssip.data.reference")
+    bids: BidsConfig = field(default_factory=BidsConfig,
+                             help="format=bids: entity selection, channel types, audio and trials")
 
     def __post_init__(self) -> None:
-        check_option("format", self.format, ["auto", "nwb", "flinker"])
+        check_option("format", self.format, ["auto", "nwb", "flinker", "bids"])
+        check_option("reference", self.reference, REFERENCES)
         check_range("margin_s", self.margin_s, 0.0, 5.0)
         check_option("frame_rate", self.frame_rate, [melmod.FRAME_RATE])
         check_range("val_fraction", self.val_fraction, 0.0, 0.5)
@@ -164,8 +173,11 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
     audio = _resample_audio(rec.audio, rec.audio_rate)
     audio_dur = len(audio) / melmod.SAMPLE_RATE + rec.audio_offset_s
     if abs(audio_dur - rec.duration_s) > cfg.max_duration_mismatch_s:
+        src = rec.metadata.get("audio", {})
+        what = (f"audio channel {src['channel']!r}" if src.get("channel") else
+                f"audio file {src['file']}" if src.get("file") else "audio")
         raise RecordingError(rec.path, rec.subject, "audio",
-                             f"audio ends at {audio_dur:.2f} s but neural at {rec.duration_s:.2f} s "
+                             f"{what} ends at {audio_dur:.2f} s but neural at {rec.duration_s:.2f} s "
                              f"(tolerance {cfg.max_duration_mismatch_s} s): wrong sampling rate or a cut file?")
 
     keep = _channel_checks(rec, cfg, quarantine)
@@ -176,6 +188,16 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
     finite = np.isfinite(sig).all(axis=1)  # (n_samples,)
     if not finite.all():
         sig = np.where(np.isfinite(sig), sig, 0.0).astype(np.float32)
+    reference = {"scheme": "none"}
+    if rec.is_raw and cfg.reference != "none":
+        from ssip.data.reference import rereference
+
+        types = [t for t, k in zip(rec.channel_types or ["ecog"] * len(keep), keep, strict=True) if k]
+        try:
+            ref = rereference(sig, rec.sfreq, names, types, cfg.reference, rec.channel_groups)
+        except ValueError as e:
+            raise RecordingError(rec.path, rec.subject, "reference", str(e)) from e
+        sig, names, reference = ref.signal, ref.names, ref.info
 
     # Features at 100 Hz; frame k is centred at k / 100 s (same as mel frame k).
     if rec.is_raw:
@@ -199,6 +221,9 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
     prev_id = ""
     for i, tr in enumerate(rec.trials):
         tid = f"{rec.recording}/{i:04d}"
+        if tr.problem:
+            quarantine.append(_q(rec, "trial", tr.problem_field or "trial", tr.problem, tid))
+            continue
         if not np.isfinite(tr.onset_s) or not np.isfinite(tr.duration_s) or tr.duration_s * fr < 1:
             quarantine.append(_q(rec, "trial", "duration", f"empty trial (onset {tr.onset_s}, duration {tr.duration_s} s)", tid))
             continue
@@ -249,12 +274,13 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
         "subject": rec.subject, "recording": rec.recording, "source_file": rec.path,
         "source_format": rec.source_format, "source_sfreq": rec.sfreq, "is_raw": rec.is_raw,
         "line_freq": rec.line_freq, "frame_rate": fr, "channels": names,
-        "bad_channels": list(rec.bad_channels),
+        "bad_channels": list(rec.bad_channels), "reference": reference,
         "dropped_channels": [q["field"] for q in quarantine if q["level"] == "channel"],
         "zscore_mean": mean.tolist(), "zscore_std": std.tolist(), "zscore_split": "train",
         "n_trials": len(rows), "n_quarantined": len(quarantine),
         "splits": {s: sum(1 for r in rows if r["split"] == s) for s in schema.SPLITS},
         "mel_version": melmod.MEL_VERSION, "schema_version": schema.SCHEMA_VERSION,
+        **({"source": rec.metadata} if rec.metadata else {}),
     }
     return RecordingResult(rec.subject, rec.recording, rows, quarantine, metadata)
 

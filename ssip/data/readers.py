@@ -11,6 +11,7 @@ Formats (DESIGN.md section 6):
   preprocessed high-gamma at 125 Hz, ``wave_re_alldataset`` (samples, 1) at 16 kHz,
   ``start_ind_re_valid_alldataset`` / ``end_ind_re_valid_alldataset`` (trials,) as 125 Hz frame
   indices, ``label_alldataset`` (trials,) words, ``TestNum_cum`` cumulative trials per task.
+- Any BIDS-iEEG dataset (BrainVision, EDF/BDF, EEGLAB) through MNE-BIDS: :mod:`ssip.data.bids`.
 
 Readers check structure (fields present, shapes, rates) and raise :class:`RecordingError`
 naming the file, subject and field. Content checks (NaN, flat channels, trial bounds) are done by
@@ -45,6 +46,10 @@ class TrialSpec:
     transcript: str
     task: str = ""
     utt_id: str = ""
+    #: Set by a reader when this trial alone cannot be used (e.g. its stim_file is missing):
+    #: ingest quarantines it with this field and reason, the other trials go on.
+    problem_field: str = ""
+    problem: str = ""
 
 
 @dataclass
@@ -71,6 +76,10 @@ class Recording:
     line_freq: float = 50.0
     split_rule: str = "contiguous"  # contiguous | flinker
     metadata: dict = field(default_factory=dict)
+    #: MNE channel type per channel (ecog, seeg, ...); [] = all ecog. Used by re-referencing.
+    channel_types: list[str] = field(default_factory=list)
+    #: Electrode group per channel name (electrodes.tsv ``group``); else groups come from names.
+    channel_groups: dict[str, str] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
@@ -83,7 +92,8 @@ def _subject_from_name(path: Path) -> str:
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    # utf-8-sig: BIDS sidecars written by Windows tools start with a byte-order mark.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -159,6 +169,7 @@ def read_nwb(
         io.close()
 
     bad: list[str] = []
+    types: list[str] = []
     chan_file = _bids_sidecar(path, "channels.tsv")
     if chan_file.exists():
         rows = read_tsv(chan_file)
@@ -168,6 +179,7 @@ def read_nwb(
             raise RecordingError(chan_file, subject, "name", f"{len(rows)} channels listed, recording has {n_ch}")
         names = [r["name"] for r in rows]
         bad = [r["name"] for r in rows if r.get("status", "good").strip().lower() == "bad"]
+        types = [r.get("type", "ECOG").strip().lower() or "ecog" for r in rows]
 
     line_freq = 50.0
     sidecar = _bids_sidecar(path, "ieeg.json")
@@ -211,6 +223,7 @@ def read_nwb(
         bad_channels=bad,
         line_freq=line_freq,
         split_rule="contiguous",
+        channel_types=types,
     )
 
 
@@ -286,13 +299,22 @@ def read_flinker(path: str | Path, *, ecog_rate: float = 125.0, audio_rate: floa
     )
 
 
-def discover(root: str | Path, fmt: str = "auto") -> list[tuple[str, str]]:
+def discover(root: str | Path, fmt: str = "auto", bids=None) -> list[tuple[str, str]]:
     """(path, format) of every recording under ``root`` (a file or a folder).
 
-    fmt: ``nwb`` (``*_ieeg.nwb``), ``flinker`` (``*.h5``) or ``auto`` (NWB if any, else HDF5: a
-    simulated corpus holds both formats of the same subjects, so auto never mixes them).
+    fmt: ``nwb`` (``*_ieeg.nwb``), ``flinker`` (``*.h5``), ``bids`` (any BIDS-iEEG recording
+    matching the :class:`~ssip.data.bids.BidsConfig` selection ``bids``, through MNE-BIDS) or
+    ``auto`` (NWB if any, else HDF5: a simulated corpus holds both formats of the same subjects,
+    so auto never mixes them; else ``bids`` when ``root`` or a folder just below it is a BIDS
+    dataset).
     """
     root = Path(root)
+    if fmt == "bids":
+        from ssip.data.bids import BidsConfig, find_recordings
+
+        if root.is_file():
+            return [(str(root), "bids")]
+        return [(p, "bids") for p in find_recordings(root, bids or BidsConfig())]
     if root.is_file():
         kind = "nwb" if root.suffix == ".nwb" else "flinker"
         return [(str(root), kind)]
@@ -300,20 +322,31 @@ def discover(root: str | Path, fmt: str = "auto") -> list[tuple[str, str]]:
         raise FileNotFoundError(f"{root}: no such file or folder to ingest")
     nwb = sorted(str(p) for p in root.rglob("*_ieeg.nwb"))
     h5 = sorted(str(p) for p in root.rglob("*.h5"))
+    if fmt == "auto" and not nwb and not h5:
+        # A BIDS dataset in another raw format: ROOT itself, or one folder below it (a simulated
+        # corpus written with formats=[brainvision] keeps it in bids-brainvision/).
+        for desc in [root / "dataset_description.json", *sorted(root.glob("*/dataset_description.json"))]:
+            if desc.exists():
+                return discover(desc.parent, "bids", bids)
     if fmt == "nwb" or (fmt == "auto" and nwb):
         found = [(p, "nwb") for p in nwb]
     elif fmt in ("flinker", "auto"):
         found = [(p, "flinker") for p in h5]
     else:
-        raise ValueError(f"format={fmt!r} is not allowed; choose one of ['auto', 'nwb', 'flinker']")
+        raise ValueError(f"format={fmt!r} is not allowed; choose one of ['auto', 'nwb', 'flinker', 'bids']")
     if not found:
         raise FileNotFoundError(f"{root}: no recordings found (looked for *_ieeg.nwb and *.h5, format={fmt})")
     return found
 
 
-def read_recording(path: str, fmt: str) -> Recording:
+def read_recording(path: str, fmt: str, bids=None) -> Recording:
+    """Read one recording; ``bids`` is the :class:`~ssip.data.bids.BidsConfig` for ``fmt="bids"``."""
     if fmt == "nwb":
         return read_nwb(path)
     if fmt == "flinker":
         return read_flinker(path)
-    raise ValueError(f"format={fmt!r} is not allowed; choose one of ['nwb', 'flinker']")
+    if fmt == "bids":
+        from ssip.data.bids import read_bids
+
+        return read_bids(path, bids)
+    raise ValueError(f"format={fmt!r} is not allowed; choose one of ['nwb', 'flinker', 'bids']")

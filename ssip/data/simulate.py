@@ -4,7 +4,8 @@ Simulated subjects "speak" real prompts (asterisk or pocketsphinx recordings, se
 :mod:`ssip.data.speech`); every prompt is spoken by exactly one subject. For each subject this
 module renders a raw ECoG-like recording whose high-gamma power is driven by the speech through a
 known encoding model, and :mod:`ssip.data.formats` writes it in the layouts of two public datasets
-(iBIDS NWB of Verwoert et al. 2022, Flinker-lab HDF5 of Chen et al. 2024) with the ground truth.
+(iBIDS NWB of Verwoert et al. 2022, Flinker-lab HDF5 of Chen et al. 2024) and as plain BIDS-iEEG
+(BrainVision, through MNE-BIDS), with the ground truth.
 
 Timeline
 --------
@@ -46,6 +47,15 @@ Raw rendering at ``sfreq`` (µV)
    ``Σ_e mean_{t in words} a_e(t)^2 / Σ_e bandpower_e(b_e) = 10^(snr_db / 10)``: the speech-driven
    70-170 Hz power during spoken prompts over the background power in the same band. Line noise
    is excluded (high-gamma features notch its harmonics).
+   With ``background`` set to a real recording (``pyneuromodulation``: the 19 s of real ECoG
+   that PyPI py-neuromodulation 0.1.3 ships, or the path of any BIDS-iEEG recording), ``b_e`` is
+   that recording's ECoG/sEEG instead: channel ``e mod C`` z-scored (its units are not trusted),
+   resampled to ``sfreq``, extended to the subject's length by mirrored repetition (forward,
+   backward, forward, ...: no jumps at the joins, the same spectrum) from an offset drawn per
+   electrode, high-passed and scaled exactly as the simulated one, so the SNR definition holds.
+   It keeps the real spectra and artefacts; the simulated mains component is then left out (the
+   recording has its own) and the subject's ``line_freq`` is the recording's PowerLineFrequency,
+   which the files declare.
 9. ``bad_fraction`` of electrodes (disjoint from the unresponsive ones) are bad: flat (exactly 0)
    or wildly noisy (white noise of 2 mV RMS plus 10x line noise), marked bad in the
    files. Their ground-truth envelope is still stored (what the electrode would have seen).
@@ -122,8 +132,16 @@ class CorpusConfig:
     extra_voice_utterances: int = field(138, help="prompts each extra-voice subject speaks "
                                                   "(drawn by seed; 138 = 553 / 4)")
     formats: list[str] = field(default_factory=lambda: ["nwb", "flinker"],
-                               help="layouts to write: nwb (iBIDS) and/or flinker (HDF5)")
+                               help="layouts to write: nwb (iBIDS), flinker (HDF5), brainvision "
+                                    "(BIDS-iEEG through MNE-BIDS, in bids-brainvision/)")
+    bids_audio: str = field("file", help="brainvision layout: speech as one WAV per run beside the "
+                                         "recording (file) or one per prompt under stimuli/ named "
+                                         "by events.tsv's stim_file column (stim_file)")
     n_tasks: int = field(5, help="contiguous task blocks per subject (Flinker TestNum_cum)")
+    background: str = field("simulated", help="background activity: simulated (1/f^chi noise) | "
+                                              "pyneuromodulation (its 19 s of real ECoG; pip "
+                                              "install --no-deps py-neuromodulation==0.1.3) | the "
+                                              "path of a BIDS-iEEG recording (.vhdr/.edf/...)")
 
     def __post_init__(self) -> None:
         check_range("n_subjects", self.n_subjects, 1, 1000)
@@ -156,10 +174,14 @@ class CorpusConfig:
         if self.max_utterances is not None:
             check_range("max_utterances", self.max_utterances, 1, None)
         if not self.formats:
-            raise ConfigError("formats is empty; choose one or more of ['nwb', 'flinker']")
+            raise ConfigError("formats is empty; choose one or more of ['nwb', 'flinker', 'brainvision']")
         for i, fmt in enumerate(self.formats):
-            check_option(f"formats[{i}]", fmt, ["nwb", "flinker"])
+            check_option(f"formats[{i}]", fmt, ["nwb", "flinker", "brainvision"])
+        check_option("bids_audio", self.bids_audio, ["file", "stim_file"])
         check_range("n_tasks", self.n_tasks, 1, 1000)
+        if self.background not in ("simulated", "pyneuromodulation") and not Path(self.background).exists():
+            raise ConfigError(f"background={self.background!r}: choose simulated, pyneuromodulation "
+                              "or the path of an existing BIDS-iEEG recording")
 
 
 @dataclass
@@ -400,6 +422,64 @@ def _background(rng: np.random.Generator, n: int, sfreq: float, chi: float,
     return sig * (band_rms / math.sqrt(_band_power(sig, sfreq, HIGH_GAMMA_BAND)))
 
 
+@dataclass
+class RealBackground:
+    """Real iEEG used as background: (n_samples, n_channels) z-scored, with its rate and mains."""
+
+    signal: np.ndarray
+    sfreq: float
+    line_freq: float
+    source: str
+    channels: list[str]
+
+
+def pyneuromodulation_recording() -> Path:
+    """The BIDS BrainVision recording inside PyPI py-neuromodulation 0.1.3 (found, not imported:
+    the package's own imports need its full dependency set)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("py_neuromodulation")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("background=pyneuromodulation needs py-neuromodulation: pip install "
+                          "--no-deps py-neuromodulation==0.1.3")
+    root = Path(next(iter(spec.submodule_search_locations))) / "data"
+    found = sorted(root.glob("sub-*/ses-*/ieeg/*_ieeg.vhdr"))
+    if not found:
+        raise ConfigError(f"py-neuromodulation is installed but {root} holds no BIDS recording")
+    return found[0]
+
+
+def load_background(spec: str) -> RealBackground | None:
+    """Read ``CorpusConfig.background``: None for ``simulated``, else the real recording."""
+    if spec == "simulated":
+        return None
+    from ssip.data.bids import read_bids_signal
+
+    path = pyneuromodulation_recording() if spec == "pyneuromodulation" else Path(spec)
+    sig = read_bids_signal(path)
+    x = sig.signal.astype(np.float64)
+    x = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+    return RealBackground(x, sig.sfreq, sig.line_freq, str(path), sig.channel_names)
+
+
+def _real_background(rng: np.random.Generator, n: int, sfreq: float, real: RealBackground,
+                     channel: int, band_rms: float) -> np.ndarray:
+    """Channel ``channel mod C`` of ``real`` at ``sfreq``, mirror-extended to ``n`` samples from a
+    random offset, high-passed and scaled to ``band_rms`` µV in 70-170 Hz (step 7)."""
+    from fractions import Fraction
+
+    x = real.signal[:, channel % real.signal.shape[1]]
+    if real.sfreq != sfreq:
+        frac = Fraction(sfreq / real.sfreq).limit_denominator(1000)
+        x = scipy.signal.resample_poly(x, frac.numerator, frac.denominator)
+    period = np.concatenate([x, x[::-1]])
+    start = int(rng.integers(len(period)))
+    sig = np.resize(np.roll(period, -start), n)  # np.resize repeats the period
+    sos = scipy.signal.butter(2, BACKGROUND_HIGHPASS_HZ, "highpass", fs=sfreq, output="sos")
+    sig = scipy.signal.sosfiltfilt(sos, sig)
+    return sig * (band_rms / math.sqrt(_band_power(sig, sfreq, HIGH_GAMMA_BAND)))
+
+
 def _carrier(rng: np.random.Generator, n: int, sfreq: float) -> np.ndarray:
     """Gaussian noise band-passed to 70-170 Hz, unit RMS."""
     sos = scipy.signal.butter(4, HIGH_GAMMA_BAND, "bandpass", fs=sfreq, output="sos")
@@ -409,7 +489,7 @@ def _carrier(rng: np.random.Generator, n: int, sfreq: float) -> np.ndarray:
 
 def simulate_subject(
     utterances: list[Utterance], cfg: CorpusConfig, index: int,
-    mels: dict[str, np.ndarray] | None = None,
+    mels: dict[str, np.ndarray] | None = None, background: RealBackground | None = None,
 ) -> SimulatedSubject:
     """Simulate one subject speaking ``utterances`` in the given order (pure: no file I/O).
 
@@ -422,6 +502,8 @@ def simulate_subject(
         Subject index (0-based); with ``cfg.seed`` it seeds every draw.
     mels : dict, optional
         utt_id -> ssip mel (80, n_frames) of the loudness-normalised prompt, if already known.
+    background : RealBackground, optional
+        Real iEEG for the background (step 7; :func:`load_background`); None = simulated.
 
     Returns
     -------
@@ -490,9 +572,10 @@ def simulate_subject(
     # Raw rendering (step 7, 9), one electrode at a time to bound memory.
     n_raw = int(round(n_audio / melmod.SAMPLE_RATE * cfg.sfreq))
     t_raw = np.arange(n_raw) / cfg.sfreq
+    line_freq = background.line_freq if background is not None else cfg.line_freq
     line = sum(
-        np.sin(2 * np.pi * h * cfg.line_freq * t_raw + line_phase[h - 1]) / h**2
-        for h in (1, 2, 3) if h * cfg.line_freq < cfg.sfreq / 2
+        np.sin(2 * np.pi * h * line_freq * t_raw + line_phase[h - 1]) / h**2
+        for h in (1, 2, 3) if h * line_freq < cfg.sfreq / 2
     )
     resp = model.response(mel)  # (T, C), with kappa
     raw = np.empty((n_raw, n_el), dtype=np.float32)
@@ -504,14 +587,17 @@ def simulate_subject(
         if bad_kind[e] == "noisy":
             raw[:, e] = NOISY_CHANNEL_RMS_UV * erng.standard_normal(n_raw) + 10 * line_amp[e] * line
             continue
-        x = _background(erng, n_raw, cfg.sfreq, exponent[e], bg_rms[e]) + line_amp[e] * line
+        if background is None:
+            x = _background(erng, n_raw, cfg.sfreq, exponent[e], bg_rms[e]) + line_amp[e] * line
+        else:  # the real recording brings its own mains
+            x = _real_background(erng, n_raw, cfg.sfreq, background, e, bg_rms[e])
         if model.gain[e] > 0:
             a = shifted_envelope(resp[:, e], t_raw, model.lead_s[e])
             x += a * _carrier(erng, n_raw, cfg.sfreq)
         raw[:, e] = x
 
     return SimulatedSubject(
-        subject=subject, index=index, sfreq=cfg.sfreq, line_freq=cfg.line_freq, raw=raw,
+        subject=subject, index=index, sfreq=cfg.sfreq, line_freq=line_freq, raw=raw,
         audio=audio, mel=mel, envelope=env.astype(np.float32), model=model,
         channel_names=[f"E{e + 1:03d}" for e in range(n_el)], unresponsive=unresponsive,
         bad=bad, bad_kind=bad_kind, background_band_rms=bg_rms, aperiodic_exponent=exponent,
@@ -548,7 +634,8 @@ def build_corpus(
     ----------
     cfg : CorpusConfig
     out_dir : path
-        Output folder; gets ``bids/``, ``flinker/``, ``ground_truth/`` and ``corpus.json``.
+        Output folder; gets ``bids/`` (iBIDS NWB), ``bids-brainvision/`` (BIDS-iEEG), ``flinker/``,
+        ``ground_truth/`` and ``corpus.json`` (each layout only when in ``cfg.formats``).
     utterances : list of Utterance, optional
         Speech to use instead of ``cfg.source`` (sorted by id, then ``cfg.max_utterances``).
     progress : bool
@@ -576,15 +663,21 @@ def build_corpus(
         utterances = utterances + extra
     mels = {u.utt_id: prompt_mel(u) for u in utterances}
     n_total = len(dealt)
+    background = load_background(cfg.background)
 
     subjects = []
     if "nwb" in cfg.formats:
         formats.write_bids_dataset(out / "bids", n_total, config_hash(cfg))
+    if "brainvision" in cfg.formats:
+        formats.write_bids_ieeg_dataset(out / formats.BIDS_IEEG_DIR, config_hash(cfg))
     for index in tqdm(range(n_total), desc="corpus subjects", disable=not progress):
-        sim = simulate_subject(dealt[index], cfg, index, mels)
+        sim = simulate_subject(dealt[index], cfg, index, mels, background)
         files = formats.write_ground_truth(sim, out / "ground_truth")
         if "nwb" in cfg.formats:
             files += formats.write_bids_subject(sim, out / "bids")
+        if "brainvision" in cfg.formats:
+            files += formats.write_bids_ieeg_subject(sim, out / formats.BIDS_IEEG_DIR,
+                                                     audio=cfg.bids_audio)
         if "flinker" in cfg.formats:
             files.append(formats.write_flinker(sim, out / "flinker" / f"sub-{sim.subject}.h5"))
         subjects.append({
@@ -620,6 +713,10 @@ def build_corpus(
         "units": {"raw": "uV", "envelope": "uV", "audio": "full scale, loudness-normalised"},
         "start_clock_s": START_CLOCK_S,
         "encoding_model": "see ssip.data.simulate module docstring",
+        "background": {"kind": cfg.background} if background is None else {
+            "kind": cfg.background, "recording": background.source,
+            "channels": background.channels, "sfreq": background.sfreq,
+            "line_freq": background.line_freq},
         "speech_sources": list(sources.values()),
         "n_utterances": len(utterances),
         "subjects": subjects,

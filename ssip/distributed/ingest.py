@@ -31,7 +31,7 @@ def ingest_one(item: dict) -> dict:
     cfg = from_dict(IngestConfig, item["config"])
     t0 = time.time()
     try:
-        rec = read_recording(path, fmt)
+        rec = read_recording(path, fmt, cfg.bids)
         res = process_recording(rec, cfg)
     except RecordingError as e:
         log.error("%s", e)
@@ -59,7 +59,7 @@ def run_ingest(source: str, out: str, cfg: IngestConfig, *, address: str | None 
 
     from ssip.distributed.runtime import init_ray
 
-    recordings = discover(source, cfg.format)
+    recordings = discover(source, cfg.format, cfg.bids)
     log.info("ingesting %d recording(s) from %s into %s", len(recordings), source, out)
     embedded = init_ray(address, num_cpus)
     cfg_dict = dataclasses.asdict(cfg)
