@@ -17,7 +17,7 @@ def register(sub) -> None:
                                    "with --bids ROOT, every recording of a BIDS-iEEG dataset "
                                    "(BrainVision, EDF/BDF, EEGLAB, through MNE-BIDS); write "
                                    "validated trial shards and quarantine rows to OUT.")
-    p.add_argument("paths", nargs="+", metavar="PATH",
+    p.add_argument("paths", nargs="*", metavar="PATH",
                    help="SOURCE (a recording file or folder) and OUT (local folder or "
                         "s3://bucket/prefix); with --bids only OUT")
     p.add_argument("--bids", metavar="ROOT", default=None,
@@ -34,6 +34,9 @@ def _ingest(args) -> int:
     from ssip.data.ingest import IngestConfig
     from ssip.distributed.ingest import run_ingest
 
+    if args.help_config:
+        resolve_and_print(IngestConfig, args)
+        return 0
     if args.bids is not None:
         if len(args.paths) != 1:
             raise SystemExit("ssip ingest --bids ROOT OUT: give OUT only (the source is ROOT)")
