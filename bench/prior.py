@@ -2,8 +2,9 @@
 
 Both arms run ``ssip pipeline ROOT/<arm>`` on ONE simulated corpus (``ROOT/corpus``, the default
 corpus config: sim01-sim04 speak Allison's English prompts, sim05 speaks June's French prompts, a
-voice neither prior ever hears) with the same prior budget, likelihood and decoder settings
-(configs/pipeline-quality.yaml plus the overrides below); only the prior's speech differs:
+voice neither prior ever hears; ``--heldout-voice`` below) with the same prior budget, likelihood
+and decoder settings (configs/pipeline-quality.yaml plus the overrides below); only the prior's
+speech differs:
 
 - ``single``: Allison's English prompts alone (less every val/test trial's prompt), what the
   prior heard before the multi-speaker corpus existed;
@@ -16,8 +17,15 @@ voice (the test-split trials' speech: Allison's of sim01-sim04 and June's of sim
 real-versus-real floor; then DPS against the regression baselines on sim05 (the held-out voice;
 ``--subjects sim01 sim05`` adds the prompts' own voice), as bench/quality.py prints them.
 
-Run: ``.venv/bin/python bench/prior.py [--root runs/prior-bench] [--samples 6000]`` (about 1.2 h
-on 2 CPU cores; resumable: a re-run skips what is done and prints).
+``--heldout-voice VOICE`` (a DEBIAN_VOICES source; default ``asterisk-fr``, June) makes another
+voice sim05's: the corpus is built with ``extra_voices=[VOICE]`` (when ROOT/corpus is new), both
+priors' corpora hold it out (``speech.heldout_voices``; ``multi`` then hears June) and Whisper
+transcribes sim05 in its language (``evaluate.asr_languages``); e.g. ``asterisk-it``, Carlo, the
+only natural male voice, against the female Allison of ``single``.
+
+Run: ``.venv/bin/python bench/prior.py [--root runs/prior-bench] [--samples 6000]
+[--heldout-voice asterisk-fr]`` (about 1.2 h on 2 CPU cores; resumable: a re-run skips what is
+done and prints).
 """
 
 from __future__ import annotations
@@ -38,16 +46,18 @@ ARMS = {
 }
 
 
-def heldout_by_voice(ingest: str) -> dict[str, list]:
-    """Test-split speech segments (mel frames of the speech only) grouped by the corpus voice."""
+def heldout_by_voice(ingest: str, heldout: str) -> dict[str, list]:
+    """Test-split speech segments (mel frames of the speech only) grouped by the corpus voice;
+    ``heldout`` names sim05's (e.g. ``june``)."""
     from ssip.data.dataset import load_trials
     from ssip.data.leakage import speech_segment
 
-    out: dict[str, list] = {"allison (sim01-04)": [], "june (sim05, held out)": []}
+    sim05 = f"{heldout} (sim05, held out)"
+    out: dict[str, list] = {"allison (sim01-04)": [], sim05: []}
     for t in load_trials(ingest, split="test", columns=[
             "schema_version", "subject", "trial_id", "mel", "onset_s", "speech_onset_s",
             "speech_duration_s", "frame_rate"]):
-        key = "june (sim05, held out)" if t["subject"] == "sim05" else "allison (sim01-04)"
+        key = sim05 if t["subject"] == "sim05" else "allison (sim01-04)"
         out[key].append(speech_segment(t))
     return out
 
@@ -62,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=6000, help="prior budget (windows seen), both arms")
     p.add_argument("--draws", type=int, default=8, help="DPS posterior draws per trial")
     p.add_argument("--n-eval", type=int, default=64, help="prior samples per Fréchet distance")
+    p.add_argument("--heldout-voice", default="asterisk-fr",
+                   help="sim05's voice, held out of both priors (a DEBIAN_VOICES source)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--subjects", nargs="+", default=["sim05"],
                    help="subjects to decode (sim05: the held-out voice; add sim01 for the "
@@ -72,18 +84,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from ssip.cli import main as ssip_main
     from ssip.config import resolve
+    from ssip.data.speech import DEBIAN_VOICES
     from ssip.evaluate.prior_quality import evaluate_prior
     from ssip.pipeline import PipelineConfig, run
 
     root = Path(args.root)
     corpus = Path(args.corpus) if args.corpus else root / "corpus"
+    held = DEBIAN_VOICES[args.heldout_voice]
     if not (corpus / "corpus.json").exists():
-        assert ssip_main(["corpus", "build", str(corpus)]) == 0
+        assert ssip_main(["corpus", "build", str(corpus),
+                          "--set", f"extra_voices=[{held.source}]"]) == 0
     results = {}
     for arm in args.arms:
         overrides = [f"source={corpus}", f"subjects=[{', '.join(args.subjects)}]",
                      f"prior.total_samples={args.samples}", f"decode.n_draws={args.draws}",
                      "decode.methods=[dps, linear, nn]",
+                     f"speech.heldout_voices=[{held.source}]",
+                     f"evaluate.asr_languages={{sim05: {held.language.split('-')[0]}}}",
                      *ARMS[arm]]
         run(resolve(PipelineConfig, args.config, overrides), str(root / arm))
         cache = root / arm / "prior_quality.json"
@@ -91,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             results[arm] = json.loads(cache.read_text())
             continue
         res = {}
-        for voice, mels in heldout_by_voice(str(root / arm / "ingest")).items():
+        for voice, mels in heldout_by_voice(str(root / arm / "ingest"),
+                                            held.speaker.split(":")[1]).items():
             r = evaluate_prior(str(root / arm / "prior"), mels, n_samples=args.n_eval, seed=0)
             res[voice] = {k: r[k] for k in ("loss_per_bucket", "loss_mean", "frechet",
                                             "frechet_floor", "n")}
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in results:
         rows = read_summary(str(root / arm))
         print(f"\nDPS with the {arm} prior (means over test trials)\n")
-        print(table(rows, {"sim05": "asterisk:june"}))
+        print(table(rows, {"sim05": held.speaker}))
         print(margins(rows))
     return 0
 
