@@ -25,7 +25,8 @@ module then chooses channels, audio and trials (every choice a :class:`BidsConfi
   ``utt_id_column``.
 
 ``*_ieeg.nwb`` recordings in a BIDS tree (the iBIDS layout of Verwoert et al. 2022) are read by
-:func:`ssip.data.readers.read_nwb` with the same trial options.
+:func:`ssip.data.readers.read_nwb` with the same trial options (the first of ``trial_types``; the
+transcript column when one is named).
 
 The signal is returned in µV (MNE holds volts); re-referencing and the high-gamma features are
 ingest's (:mod:`ssip.data.reference`, :mod:`ssip.data.highgamma`), the same for every format.
@@ -449,7 +450,6 @@ def read_bids(path: str | Path, cfg: BidsConfig | None = None) -> Recording:
                                  f"{list(AUDIO_CHANNEL_NAMES)}, no {cfg.stim_column!r} column in "
                                  f"{events_file.name}, no {audio_file.name} beside the recording; "
                                  "set bids.audio (channel | stim_file | file) and its field")
-    offset = 0.0
     if mode == "channel":
         audio = sig.audio_channel
         audio_rate = sig.sfreq
@@ -490,7 +490,7 @@ def read_bids(path: str | Path, cfg: BidsConfig | None = None) -> Recording:
         subject=subject, recording=sig.recording, path=str(path),
         source_format=f"bids{path.suffix}", signal=sig.signal, sfreq=sig.sfreq, is_raw=True,
         channel_names=sig.channel_names, audio=audio, audio_rate=audio_rate,
-        audio_offset_s=offset, trials=trials, bad_channels=sig.bad_channels,
+        audio_offset_s=0.0, trials=trials, bad_channels=sig.bad_channels,
         line_freq=sig.line_freq, split_rule="contiguous", metadata=metadata,
         channel_types=sig.channel_types,
         channel_groups=metadata["electrodes"].get("groups", {}) if metadata["electrodes"] else {},
