@@ -96,13 +96,11 @@ def test_bids_and_nwb_give_the_same_features(corpus, reference):
 def test_edf_and_stim_file_layouts_match_nwb(corpus, tmp_path):
     """The same subject as EDF (16-bit) and with its audio as per-prompt stim files."""
     from ssip.data import formats
-    from ssip.data.simulate import CorpusConfig, simulate_subject
+    from ssip.data.simulate import CorpusConfig, deal_utterances, simulate_subject
     from ssip.data.speech import read_source
 
     cfg = CorpusConfig(n_subjects=1, electrodes_min=32, electrodes_max=36, max_utterances=24,
                        seed=3, extra_voices=[], snr_db=10.0)
-    from ssip.data.simulate import deal_utterances
-
     utts = deal_utterances(read_source(cfg.source, limit=cfg.max_utterances), 1, cfg.seed)
     sim = simulate_subject(utts[0], cfg, 0)
     formats.write_bids_ieeg_subject(sim, tmp_path / "edf", fmt="EDF")

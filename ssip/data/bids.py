@@ -466,7 +466,7 @@ def read_bids(path: str | Path, cfg: BidsConfig | None = None) -> Recording:
             raise RecordingError(events_file, subject, cfg.stim_column,
                                  f"audio=stim_file but events.tsv has no {cfg.stim_column!r} column "
                                  f"(have {list(rows[0]) if rows else []})")
-        audio = _stim_audio(bids_root(path), trials, chosen,
+        audio = _stim_audio(Path(bp.root), trials, chosen,
                             int(round(duration * melmod.SAMPLE_RATE)), cfg)
         audio_rate = float(melmod.SAMPLE_RATE)
     else:

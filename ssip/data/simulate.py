@@ -432,6 +432,16 @@ class RealBackground:
     source: str
     channels: list[str]
 
+    def at(self, sfreq: float) -> RealBackground:
+        """The same recording resampled to ``sfreq`` (once per subject, not per electrode)."""
+        if sfreq == self.sfreq:
+            return self
+        from fractions import Fraction
+
+        frac = Fraction(sfreq / self.sfreq).limit_denominator(1000)
+        x = scipy.signal.resample_poly(self.signal, frac.numerator, frac.denominator, axis=0)
+        return RealBackground(x, sfreq, self.line_freq, self.source, self.channels)
+
 
 def pyneuromodulation_recording() -> Path:
     """The BIDS BrainVision recording inside PyPI py-neuromodulation 0.1.3 (found, not imported:
@@ -464,14 +474,10 @@ def load_background(spec: str) -> RealBackground | None:
 
 def _real_background(rng: np.random.Generator, n: int, sfreq: float, real: RealBackground,
                      channel: int, band_rms: float) -> np.ndarray:
-    """Channel ``channel mod C`` of ``real`` at ``sfreq``, mirror-extended to ``n`` samples from a
-    random offset, high-passed and scaled to ``band_rms`` µV in 70-170 Hz (step 7)."""
-    from fractions import Fraction
-
+    """Channel ``channel mod C`` of ``real`` (already at ``sfreq``: :meth:`RealBackground.at`),
+    mirror-extended to ``n`` samples from a random offset, high-passed and scaled to
+    ``band_rms`` µV in 70-170 Hz (step 7)."""
     x = real.signal[:, channel % real.signal.shape[1]]
-    if real.sfreq != sfreq:
-        frac = Fraction(sfreq / real.sfreq).limit_denominator(1000)
-        x = scipy.signal.resample_poly(x, frac.numerator, frac.denominator)
     period = np.concatenate([x, x[::-1]])
     start = int(rng.integers(len(period)))
     sig = np.resize(np.roll(period, -start), n)  # np.resize repeats the period
@@ -572,6 +578,8 @@ def simulate_subject(
     # Raw rendering (step 7, 9), one electrode at a time to bound memory.
     n_raw = int(round(n_audio / melmod.SAMPLE_RATE * cfg.sfreq))
     t_raw = np.arange(n_raw) / cfg.sfreq
+    if background is not None:
+        background = background.at(cfg.sfreq)
     line_freq = background.line_freq if background is not None else cfg.line_freq
     line = sum(
         np.sin(2 * np.pi * h * line_freq * t_raw + line_phase[h - 1]) / h**2
