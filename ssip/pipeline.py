@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ssip import storage
 from ssip.config import ConfigError, check_option, check_range, config_hash, field, to_yaml
 from ssip.data.default_speech import DEFAULT_WEIGHTS, DefaultSpeechConfig
-from ssip.data.ingest import IngestConfig
+from ssip.data.ingest import EXIT_NOTHING_LANDED, EXIT_SOME_FAILED, IngestConfig
 from ssip.data.simulate import CorpusConfig
 from ssip.decode import BASELINE_METHODS, DecodeConfig
 from ssip.evaluate.report import EvaluateConfig
@@ -250,7 +250,16 @@ def run(cfg: PipelineConfig, root: str, *, force: Sequence[str] = (),
             echo(f"[pipeline] {step.name}: $ ssip {' '.join(step.argv)}", flush=True)
             t0 = time.perf_counter()
             code = main(list(step.argv))
-            if code:
+            if step.stage == "ingest" and code in (EXIT_SOME_FAILED, EXIT_NOTHING_LANDED):
+                failed = [r for r in storage.read_json(step.marker)["recordings"]
+                          if r["status"] != "ok"]
+                reasons = "\n".join(f"  {r['error']}" for r in failed)
+                if code == EXIT_NOTHING_LANDED:
+                    raise RuntimeError(f"pipeline stage 'ingest' landed no trial "
+                                       f"({len(failed)} file(s) failed):\n{reasons}")
+                echo(f"[pipeline] ingest: {len(failed)} file(s) failed, going on with the "
+                     f"others:\n{reasons}", flush=True)
+            elif code:
                 raise RuntimeError(f"pipeline stage {step.name!r} exited with {code}: "
                                    f"ssip {' '.join(step.argv)}")
             state.setdefault("done", {})[step.name] = step.key

@@ -97,13 +97,17 @@ def test_flinker_round_trip(corpus):
     rec = read_flinker(path)
     assert rec.sfreq == 125.0 and not rec.is_raw
     res = process_recording(rec, IngestConfig())
-    tasks = {}
-    for r in res.rows:
-        tasks.setdefault(r["task"], []).append(r)
-    for rows in tasks.values():
-        rows.sort(key=lambda r: r["trial_index"])
-        n_test = min(10, len(rows) - 1)
-        assert [r["split"] for r in rows[len(rows) - n_test:]] == ["test"] * n_test
+    assert res.quarantine == []
+    # The test split is exactly the file's last TestNum_cum[0] rows (the simulator writes the
+    # last 10 trials of each task there), validation the last 10 % of the others in time order.
+    with h5py.File(path) as f:
+        n_test = int(f["TestNum_cum"][0])
+        n_rows = len(f["label_alldataset"])
+    split = {r["trial_index"]: r["split"] for r in res.rows}
+    assert sorted(i for i, s in split.items() if s == "test") == list(range(n_rows - n_test, n_rows))
+    train_rows = sorted(range(n_rows - n_test), key=lambda i: rec.trials[i].onset_s)
+    n_val = round(0.1 * len(train_rows))
+    assert sorted(i for i, s in split.items() if s == "val") == sorted(train_rows[len(train_rows) - n_val:])
     truth = _truth(corpus, rec.subject)
     good = [str(n) for n, b in zip(truth["channel_names"], truth["bad"], strict=True) if not b]
     res.metadata["channels"] = good  # Flinker files hold the good electrodes in order
@@ -189,7 +193,11 @@ def test_unreadable_and_missing_fields(corpus, tmp_path):
     no_events.parent.mkdir()
     shutil.copy(src, no_events)
     with pytest.raises(RecordingError, match=r"events.tsv.*missing"):
-        read_nwb(no_events)
+        read_nwb(no_events, trials_from="events")
+    # Without events.tsv the trials come from the Stimulus acquisition: the same trials.
+    from_stimulus = read_nwb(no_events)
+    assert from_stimulus.metadata["trials_source"] == "acquisition/Stimulus"
+    assert [t.transcript for t in from_stimulus.trials] == [t.transcript for t in read_nwb(src).trials]
 
 
 # ---------------------------------------------------------------- Ray Data and S3
@@ -235,6 +243,35 @@ def test_ray_ingest_with_a_bad_file_and_rerun(corpus, tmp_path, ray_cluster):
 
     batch = ray.data.read_parquet(trial_files(str(out), split="train")).take_batch(2)
     assert batch["neural"][0].ndim == 2 and batch["mel"][0].shape[0] == 80
+
+
+@pytest.mark.ray
+def test_ingest_exit_status_says_what_landed(corpus, tmp_path, ray_cluster, capsys):
+    """0: every file ingested (quarantined trials do not change it); 3: some files failed and
+    others landed; 4: nothing landed. The last line says which."""
+    from ssip.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(corpus / "bids" / "sub-sim01", src / "sub-sim01")
+    events = next(src.glob("sub-sim01/ieeg/*_events.tsv"))
+    lines = events.read_text().splitlines()
+    words = [i for i, ln in enumerate(lines) if "\tword\t" in ln]
+    cols = lines[words[0]].split("\t")
+    cols[0] = "99999.0"  # one trial past the end: quarantined, the file still lands
+    lines[words[0]] = "\t".join(cols)
+    events.write_text("\n".join(lines) + "\n")
+    ray = ["--address", ray_cluster]
+    assert main(["ingest", str(src), str(tmp_path / "o1"), *ray]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("all files ingested (exit 0)")
+    shutil.copytree(corpus / "bids" / "sub-sim02", src / "sub-sim02")
+    bad = next(src.glob("sub-sim02/ieeg/*_ieeg.nwb"))
+    bad.write_bytes(bad.read_bytes()[:10000])
+    assert main(["ingest", str(src), str(tmp_path / "o2"), *ray]) == 3
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "sub-sim02" in out and "SOME FILES FAILED (1 of 2) (exit 3)" in out
+    shutil.rmtree(src / "sub-sim01")
+    assert main(["ingest", str(src), str(tmp_path / "o3"), *ray]) == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("NOTHING LANDED (exit 4)")
 
 
 @pytest.mark.ray

@@ -31,7 +31,7 @@ class FakeSsip:
         elif cmd == "ingest":
             storage.write_json(storage.join(argv[2], "manifest.json"), {"recordings": [
                 {"subject": "s2", "status": "ok"}, {"subject": "s1", "status": "ok"},
-                {"subject": "", "status": "failed"}]})
+                {"subject": "", "status": "failed", "error": "x.nwb: unreadable"}]})
         elif cmd in ("prior", "likelihood", "baseline"):
             storage.write_json(storage.join(argv[3], "manifest.json"), {})
         elif cmd == "decode":
@@ -173,6 +173,32 @@ def test_failures_name_the_stage(tmp_path):
     cfg = PipelineConfig(subjects=["s9"])
     with pytest.raises(ValueError, match=r"subjects=\['s9'\]"):
         run(cfg, str(tmp_path / "b"), main=FakeSsip(), echo=lambda *a, **k: None)
+
+
+def test_ingest_that_landed_nothing_stops_the_pipeline_with_the_reasons(tmp_path):
+    """Ingest's exit 3 (some files failed) goes on with the others; exit 4 (nothing landed) stops
+    the pipeline there, naming each file's reason."""
+    fake, echoed = FakeSsip(), []
+
+    def some_failed(argv):
+        return fake(argv) or (3 if argv[0] == "ingest" else 0)
+
+    run(PipelineConfig(), str(tmp_path / "a"), main=some_failed, echo=lambda *a, **k: echoed.append(a[0]))
+    assert "decode" in fake.names() and any("x.nwb: unreadable" in e for e in echoed)
+
+    def nothing(argv):
+        if argv[0] == "ingest":
+            storage.write_json(storage.join(argv[2], "manifest.json"), {"recordings": [
+                {"subject": "", "status": "failed", "error": "a.h5 (subject a, field 'TestNum_cum'): bad"},
+                {"subject": "", "status": "failed", "error": "b.h5 (subject b, field 'file'): unreadable"}]})
+            return 4
+        return fake(argv)
+
+    fake.calls.clear()
+    with pytest.raises(RuntimeError, match=r"(?s)'ingest' landed no trial \(2 file\(s\) failed\).*"
+                                           r"field 'TestNum_cum'.*field 'file'"):
+        run(PipelineConfig(), str(tmp_path / "b"), main=nothing, echo=lambda *a, **k: None)
+    assert "train prior" not in fake.names()
 
 
 def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):

@@ -50,9 +50,12 @@ def _read_nwb(path):
     with NWBHDF5IO(str(path), "r") as io:
         nwb = io.read()
         ieeg, audio = nwb.acquisition["iEEG"], nwb.acquisition["Audio"]
+        stim = nwb.acquisition["Stimulus"]
         return {
             "raw": ieeg.data[:], "timestamps": ieeg.timestamps[:], "unit": ieeg.unit,
-            "audio": audio.data[:], "rate": audio.rate, "audio_t0": audio.starting_time,
+            "audio": audio.data[:], "audio_timestamps": audio.timestamps[:],
+            "stimulus": np.array([w.decode() for w in stim.data[:]]),
+            "stimulus_timestamps": stim.timestamps[:],
         }
 
 
@@ -82,10 +85,13 @@ def test_nwb_shapes_timestamps_and_events(corpus):
         d = _read_nwb(f"{base}_ieeg.nwb")
         n, c = d["raw"].shape
         assert c == s["n_electrodes"] and d["raw"].dtype == np.float32 and d["unit"] == "uV"
-        assert len(d["timestamps"]) == n
-        assert d["timestamps"][0] == simulate.START_CLOCK_S == d["audio_t0"]
+        # Per-sample float64 clock timestamps of Unix-epoch size for both, as in the public files.
+        assert len(d["timestamps"]) == n and d["timestamps"].dtype == np.float64
+        assert d["timestamps"][0] == simulate.START_CLOCK_S == d["audio_timestamps"][0] > 1e9
         np.testing.assert_array_equal(np.diff(d["timestamps"]), 1 / 1024)
-        assert d["rate"] == 16000.0
+        a_ts = d["audio_timestamps"]
+        assert len(a_ts) == len(d["audio"]) and a_ts.dtype == np.float64
+        assert (len(a_ts) - 1) / (a_ts[-1] - a_ts[0]) == pytest.approx(16000.0, abs=1e-3)
         assert len(d["audio"]) / 16000 == n / 1024 == pytest.approx(s["duration_s"])
 
         events = _tsv(f"{base}_events.tsv")
@@ -106,6 +112,14 @@ def test_nwb_shapes_timestamps_and_events(corpus):
                 assert np.sqrt(np.mean(d["audio"][sel] ** 2)) > 0.01, r["utt_id"]
         assert not np.any(d["audio"][~in_word])
         assert {r["task"] for r in events if r["trial_type"] == "word"} == {"1", "2"}
+        # Stimulus: the word at every iEEG sample of its event, "" elsewhere, on the iEEG clock.
+        np.testing.assert_array_equal(d["stimulus_timestamps"], d["timestamps"])
+        expect = np.full(n, "", dtype=object)
+        for r in events:
+            if r["trial_type"] == "word":
+                a = round(float(r["onset"]) * 1024)
+                expect[a: a + round(float(r["duration"]) * 1024)] = r["word"]
+        assert d["stimulus"].tolist() == expect.tolist()
 
 
 def test_channel_status_and_fractions(corpus):
@@ -134,26 +148,35 @@ def test_channel_status_and_fractions(corpus):
 
 
 def test_flinker_layout(corpus):
+    """HB02.h5's layout: every task's train rows, then every task's test rows (the last
+    flinker_test_per_task=10 of each task, here all but one of each 2-trial task), TestNum_cum of
+    shape (1,) = the number of test rows, labels as bytes."""
     out, card = corpus
     for s in card["subjects"]:
         events = [r for r in _tsv(f"{_bids(out, s['subject'])}_events.tsv")
                   if r["trial_type"] == "word"]
+        tasks = np.array([int(r["task"]) for r in events])
+        test = np.zeros(len(events), dtype=bool)
+        for k in (1, 2):
+            idx = np.flatnonzero(tasks == k)
+            test[idx[len(idx) - min(10, len(idx) - 1):]] = True
+        rows = [*np.flatnonzero(~test), *np.flatnonzero(test)]
         with h5py.File(out / "flinker" / f"sub-{s['subject']}.h5", "r") as f:
             ecog = f["ecog_alldataset"][:]
             n_samples = round(s["duration_s"] * 1024)
             assert ecog.shape == (math.floor(n_samples * 125 / 1024), s["n_good"])
             assert ecog.dtype == np.float32 and np.all(np.isfinite(ecog))
             assert f["wave_re_alldataset"].shape == (round(s["duration_s"] * 16000), 1)
+            assert f["label_alldataset"].dtype.kind == "S"
             labels = [x.decode() for x in f["label_alldataset"][:]]
-            assert labels == [r["word"] for r in events]
+            assert labels == [events[i]["word"] for i in rows]
             start, end = f["start_ind_re_valid_alldataset"][:], f["end_ind_re_valid_alldataset"][:]
-            onsets = np.array([float(r["onset"]) for r in events])
-            durations = np.array([float(r["duration"]) for r in events])
+            onsets = np.array([float(events[i]["onset"]) for i in rows])
+            durations = np.array([float(events[i]["duration"]) for i in rows])
             np.testing.assert_allclose(start / 125, onsets, atol=0.5 / 125 + 1e-9)
             np.testing.assert_allclose(end / 125, onsets + durations, atol=0.5 / 125 + 1e-9)
-            tasks = np.array([int(r["task"]) for r in events])
-            assert f["TestNum_cum"][:].tolist() == [int((tasks <= k).sum()) for k in (1, 2)]
-            assert f["TestNum_cum"][-1] == s["n_trials"]
+            assert f["TestNum_cum"].shape == (1,) and f["TestNum_cum"][0] == test.sum() == 2
+            assert np.any(np.diff(start) < 0)  # the test rows jump back in time
             assert (f.attrs["sfreq_ecog"], f.attrs["sfreq_audio"]) == (125.0, 16000.0)
             assert f.attrs["subject"] == s["subject"]
 

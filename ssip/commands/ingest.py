@@ -1,5 +1,9 @@
 """`ssip ingest SOURCE OUT` / `ssip ingest --bids ROOT OUT`: recordings -> validated parquet
-shards (local or s3://) on Ray."""
+shards (local or s3://) on Ray.
+
+Exit status: 0 every file ingested (quarantined trials or channels do not change it), 3 some
+files failed and others landed, 4 nothing landed; the last line says which.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def register(sub) -> None:
 
 
 def _ingest(args) -> int:
-    from ssip.data.ingest import IngestConfig
+    from ssip.data.ingest import IngestConfig, ingest_status
     from ssip.distributed.ingest import run_ingest
 
     if args.help_config:
@@ -58,9 +62,12 @@ def _ingest(args) -> int:
     if cfg is None:
         return 0
     m = run_ingest(source, out, cfg, address=args.address, num_cpus=args.num_cpus)
+    code, verdict = ingest_status(m)
     failed = [r for r in m["recordings"] if r["status"] != "ok"]
-    print(f"ingested {m['n_trials']} trial(s) from {len(m['recordings'])} recording(s) into {out} "
-          f"in {m['seconds']} s; {m['n_quarantined']} quarantine row(s), {len(failed)} failed file(s)")
     for r in failed:
         print(f"  FAILED {r['error']}")
-    return 0
+    print(f"ingested {m['n_trials']} trial(s) from {len(m['recordings'])} recording(s) into {out} "
+          f"in {m['seconds']} s; {m['n_quarantined']} quarantine row(s), {len(failed)} failed "
+          f"file(s): {verdict} (exit {code})")
+    return code
+

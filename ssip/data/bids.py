@@ -486,6 +486,7 @@ def read_bids(path: str | Path, cfg: BidsConfig | None = None) -> Recording:
                          "channel": sig.audio_channel_name if mode == "channel" else "",
                          "file": str(audio_file) if mode == "file" else "",
                          "events": str(events_file), "transcript_column": column}
+    metadata["trials_source"] = events_file.name
     return Recording(
         subject=subject, recording=sig.recording, path=str(path),
         source_format=f"bids{path.suffix}", signal=sig.signal, sfreq=sig.sfreq, is_raw=True,

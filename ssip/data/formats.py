@@ -5,8 +5,9 @@
   SingleWordProductionDutch): ``sub-XX/ieeg/sub-XX_task-wordProduction_ieeg.nwb`` whose
   acquisition holds ``iEEG`` (samples, channels) with ABSOLUTE clock timestamps and ``Audio``,
   beside BIDS ``_channels.tsv``, ``_events.tsv`` (onsets relative to the recording start) and
-  ``_ieeg.json``. Differences from the real files: audio at 16 kHz (theirs 48 kHz), no
-  ``Stimulus`` acquisition (the words are in events.tsv), prompts of one or more words.
+  ``_ieeg.json``; per-sample float64 clock timestamps (Unix-epoch size) for iEEG and Audio and a
+  ``Stimulus`` acquisition (the word at each iEEG sample, "" between words). Differences from the
+  real files: audio at 16 kHz (theirs 48 kHz), prompts of one or more words.
 - :func:`write_bids_ieeg_subject` writes the subject as a plain BIDS-iEEG dataset through
   MNE-BIDS (``write_raw_bids``, BrainVision), as most labs' recordings are: ``_ieeg.vhdr/.eeg/
   .vmrk`` (ECoG in µV, bad channels marked in channels.tsv, PowerLineFrequency in the sidecar),
@@ -16,8 +17,11 @@
   events.tsv's ``stim_file`` column (the perception-dataset layout).
 - :func:`write_flinker` mimics HB02.h5 of Chen et al. 2024 (Flinker lab, Mendeley fp4bv9gtwk
   v2): ``ecog_alldataset`` high gamma at 125 Hz of the good electrodes, ``wave_re_alldataset``,
-  trial start/end as 125 Hz frame indices, ``label_alldataset``, ``TestNum_cum``. Formant,
-  pitch, intensity and spectrogram datasets of the real file are not written.
+  trial start/end as 125 Hz frame indices, ``label_alldataset`` (bytes), ``TestNum_cum`` of
+  shape (1,) = the number of test trials, which are the last rows: the rows are the train trials
+  of every task, then the test trials of every task (the last ``test_per_task`` of each), as the
+  public file's builder writes them. Formant, pitch, intensity and spectrogram datasets of the
+  real file are not written.
 - :func:`write_ground_truth` stores what the simulation knows: envelope, encoding-model
   parameters, masks (``.npz``, plain arrays, no pickle) and scalars (``.json``).
 
@@ -129,13 +133,28 @@ def write_bids_subject(sim: SimulatedSubject, root: str | Path,
         description=f"raw iEEG, {n_channels} ECoG channels (names and status in "
                     f"{stem}_channels.tsv), microvolts",
     ))
+    # Per-sample clock timestamps for the audio too, as in the real files (their 48 kHz steps
+    # are not exact in float64 at this magnitude: a reader must use the whole span).
+    audio_stamps = t0 + np.arange(len(sim.audio), dtype=np.float64) / melmod.SAMPLE_RATE
     nwb.add_acquisition(TimeSeries(
         name="Audio",
         data=H5DataIO(sim.audio, chunks=_chunks(sim.audio.shape), **_COMPRESSION),
         unit="a.u.",
-        rate=float(melmod.SAMPLE_RATE),
-        starting_time=t0,  # same absolute clock as the iEEG's first timestamp
+        timestamps=H5DataIO(audio_stamps, chunks=_chunks(audio_stamps.shape), **_COMPRESSION),
         description="speech audio at 16 kHz, loudness-normalised per prompt, full scale +-1",
+    ))
+    # The word of each prompt at every iEEG sample it spans, "" between prompts (Verwoert's
+    # Stimulus acquisition; their extract_features.py reads the words from it).
+    words = np.full(n_samples, b"", dtype=f"S{max([1, *(len(t.transcript.encode()) for t in sim.trials)])}")
+    for tr in sim.trials:
+        a = int(round(tr.onset_s * sim.sfreq))
+        words[a: a + int(round(tr.duration_s * sim.sfreq))] = tr.transcript.encode()
+    nwb.add_acquisition(TimeSeries(
+        name="Stimulus",
+        data=H5DataIO(words, chunks=_chunks(words.shape), **_COMPRESSION),
+        unit="n/a",
+        timestamps=nwb.acquisition["iEEG"],  # the iEEG's timestamps, linked
+        description="the word being spoken at each iEEG sample (empty between words)",
     ))
     nwb_path = base / f"{stem}_ieeg.nwb"
     with NWBHDF5IO(str(nwb_path), mode="w") as io:
@@ -271,13 +290,15 @@ def write_bids_ieeg_subject(sim: SimulatedSubject, root: str | Path, *,
     return sorted({*files, events})
 
 
-def write_flinker(sim: SimulatedSubject, path: str | Path) -> Path:
+def write_flinker(sim: SimulatedSubject, path: str | Path, test_per_task: int = 10) -> Path:
     """Write one subject in the Flinker-lab HB02.h5 layout (Chen et al. 2024).
 
     ``ecog_alldataset`` is high gamma of the GOOD electrodes computed from the raw signal with
     :func:`ssip.data.highgamma.high_gamma` at 125 frames/s (frame ``k`` at ``k / 125`` s). Trial
     bounds are the prompt's extent in 125 Hz frames: ``start = round(onset * 125)``,
-    ``end = round((onset + duration) * 125)``.
+    ``end = round((onset + duration) * 125)``. The last ``test_per_task`` trials of each task
+    (at most all but one) are the test rows, written after every task's train rows;
+    ``TestNum_cum = [number of test rows]``.
 
     Returns
     -------
@@ -294,10 +315,16 @@ def write_flinker(sim: SimulatedSubject, path: str | Path) -> Path:
     # All channels, then keep the good ones: indexing raw first would copy it (~250 MB).
     ecog = high_gamma(sim.raw, sim.sfreq, line_freq=sim.line_freq,
                       frame_rate=FLINKER_FRAME_RATE)[:, good]  # (frames, good electrodes)
-    onset = np.array([t.onset_s for t in sim.trials])
-    offset = onset + np.array([t.duration_s for t in sim.trials])
     tasks = np.array([t.task for t in sim.trials])
-    test_num_cum = np.array([int(np.sum(tasks <= k)) for k in range(1, sim.n_tasks + 1)])
+    # The last test_per_task trials of each task are test; rows: every task's train trials, then
+    # every task's test trials (start indices jump back in time at the first test row).
+    is_test = np.zeros(len(tasks), dtype=bool)
+    for k in np.unique(tasks):
+        idx = np.flatnonzero(tasks == k)
+        is_test[idx[len(idx) - min(test_per_task, len(idx) - 1):]] = True
+    rows = np.r_[np.flatnonzero(~is_test), np.flatnonzero(is_test)]
+    onset = np.array([sim.trials[i].onset_s for i in rows])
+    offset = onset + np.array([sim.trials[i].duration_s for i in rows])
     with h5py.File(path, "w") as f:
         f.create_dataset("ecog_alldataset", data=ecog.astype(np.float32),
                          chunks=_chunks(ecog.shape), **_COMPRESSION)
@@ -307,9 +334,9 @@ def write_flinker(sim: SimulatedSubject, path: str | Path) -> Path:
                          data=np.rint(onset * FLINKER_FRAME_RATE).astype(np.int64))
         f.create_dataset("end_ind_re_valid_alldataset",
                          data=np.rint(offset * FLINKER_FRAME_RATE).astype(np.int64))
-        f.create_dataset("label_alldataset", data=[t.transcript for t in sim.trials],
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("TestNum_cum", data=test_num_cum.astype(np.int64))
+        f.create_dataset("label_alldataset",
+                         data=np.array([sim.trials[i].transcript.encode() for i in rows]))
+        f.create_dataset("TestNum_cum", data=np.array([int(is_test.sum())], dtype=np.int64))
         f.attrs["sfreq_ecog"] = FLINKER_FRAME_RATE
         f.attrs["sfreq_audio"] = float(melmod.SAMPLE_RATE)
         f.attrs["subject"] = sim.subject

@@ -22,10 +22,14 @@ from ssip import storage
 from ssip.config import check_option, check_range, field
 from ssip.data import schema
 from ssip.data.bids import BidsConfig
-from ssip.data.readers import Recording, RecordingError
+from ssip.data.readers import NwbConfig, Recording, RecordingError
 from ssip.data.reference import REFERENCES
 
 log = logging.getLogger(__name__)
+
+#: ``ssip ingest`` exit status: every file ingested (quarantined trials or channels do not change
+#: it) / some files failed and others landed / nothing landed.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_LANDED = 0, 3, 4
 
 
 @dataclass
@@ -40,9 +44,12 @@ class IngestConfig:
     band_low: float = field(70.0, help="high-gamma band lower edge, Hz")
     band_high: float = field(170.0, help="high-gamma band upper edge, Hz")
     min_raw_sfreq: float = field(400.0, help="raw recordings below this rate cannot carry high gamma")
-    test_per_task: int = field(10, help="flinker split: the last N trials of each task are test")
-    val_fraction: float = field(0.1, help="share of trials for validation (contiguous block)")
-    test_fraction: float = field(0.1, help="contiguous split: share of trials (the last) for test")
+    val_fraction: float = field(0.1, help="share of the non-test trials for validation: the last "
+                                          "ones in time order before the test block (or before "
+                                          "the dataset's own test trials)")
+    test_fraction: float = field(0.1, help="contiguous split: share of trials (the last in time) "
+                                           "for test; a dataset that fixes its test trials "
+                                           "(Flinker TestNum_cum) keeps its own")
     flat_std_ratio: float = field(1e-3, help="a channel whose std is below this times the median is flat")
     exploding_std_ratio: float = field(20.0, help="a channel whose std is above this times the median is exploding")
     max_duration_mismatch_s: float = field(1.0, help="audio and neural durations may differ by this much")
@@ -51,6 +58,8 @@ class IngestConfig:
                                         "contacts of each sEEG shaft); see ssip.data.reference")
     bids: BidsConfig = field(default_factory=BidsConfig,
                              help="format=bids: entity selection, channel types, audio and trials")
+    nwb: NwbConfig = field(default_factory=NwbConfig,
+                           help="format=nwb: where the trials come from (events.tsv or Stimulus)")
 
     def __post_init__(self) -> None:
         check_option("format", self.format, ["auto", "nwb", "flinker", "bids"])
@@ -97,32 +106,38 @@ def _resample_audio(audio: np.ndarray, rate: float) -> np.ndarray:
     return resample_poly(audio, frac.numerator, frac.denominator).astype(np.float32)
 
 
-def assign_splits(rec: Recording, n_kept: list[int], cfg: IngestConfig) -> dict[int, str]:
-    """Split kept trial indices into train/val/test, contiguously, never by random frames.
+def assign_splits(rec: Recording, kept: list[int], cfg: IngestConfig) -> dict[int, str]:
+    """Split kept trial indices (given in time order) into train/val/test, never by random frames.
 
-    flinker: per task, the last ``test_per_task`` trials are test (Chen et al. 2024) and the
-    ``val_fraction`` of that task's remaining trials just before them are validation.
-    contiguous: in recording order, the first trials are train, then a val block, the last
+    given (a dataset that fixes its test set, e.g. Flinker's last ``TestNum_cum`` rows): the
+    trials marked test are test; of the others, the last ``val_fraction`` in time order are
+    validation, the rest train. Validation never comes out of the test trials.
+    contiguous: in time order, the first trials are train, then a val block, the last
     ``test_fraction`` are test.
     """
     splits: dict[int, str] = {}
-    if rec.split_rule == "flinker":
-        by_task: dict[str, list[int]] = {}
-        for i in n_kept:
-            by_task.setdefault(rec.trials[i].task, []).append(i)
-        for idx in by_task.values():
-            n_test = min(cfg.test_per_task, max(len(idx) - 1, 0))
-            rest = len(idx) - n_test
-            n_val = int(round(rest * cfg.val_fraction))
-            for j, i in enumerate(idx):
-                splits[i] = "test" if j >= rest else ("val" if j >= rest - n_val else "train")
+    if rec.split_rule == "given":
+        test = [i for i in kept if rec.trials[i].split == "test"]
+        rest = [i for i in kept if rec.trials[i].split != "test"]
+        n_val = int(round(len(rest) * cfg.val_fraction))
+        splits.update({i: "test" for i in test})
+        splits.update({i: "val" if j >= len(rest) - n_val else "train" for j, i in enumerate(rest)})
         return splits
-    n = len(n_kept)
+    n = len(kept)
     n_test = int(round(n * cfg.test_fraction))
     n_val = int(round(n * cfg.val_fraction))
-    for j, i in enumerate(n_kept):
+    for j, i in enumerate(kept):
         splits[i] = "test" if j >= n - n_test else ("val" if j >= n - n_test - n_val else "train")
     return splits
+
+
+def split_rule_text(rec: Recording, cfg: IngestConfig) -> str:
+    """The split rule in words, for the manifest."""
+    if rec.split_rule == "given":
+        return rec.metadata.get("split_rule", "given: the dataset's own test trials") + \
+            f" (val_fraction={cfg.val_fraction})"
+    return (f"contiguous in time order: train, then the last val_fraction={cfg.val_fraction} "
+            f"before test, then the last test_fraction={cfg.test_fraction} as test")
 
 
 def _channel_checks(rec: Recording, cfg: IngestConfig, quarantine: list[dict]) -> np.ndarray:
@@ -219,7 +234,12 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
     windows: dict[int, tuple[int, int]] = {}
     prev_end = -np.inf
     prev_id = ""
-    for i, tr in enumerate(rec.trials):
+    # Checks run in TIME order: public files need not list trials by onset (Flinker's test rows
+    # come last). Trial ids keep the file's row index.
+    order = sorted(range(len(rec.trials)), key=lambda k: (
+        rec.trials[k].onset_s if np.isfinite(rec.trials[k].onset_s) else np.inf, k))
+    for i in order:
+        tr = rec.trials[i]
         tid = f"{rec.recording}/{i:04d}"
         if tr.problem:
             quarantine.append(_q(rec, "trial", tr.problem_field or "trial", tr.problem, tid))
@@ -278,11 +298,23 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
         "dropped_channels": [q["field"] for q in quarantine if q["level"] == "channel"],
         "zscore_mean": mean.tolist(), "zscore_std": std.tolist(), "zscore_split": "train",
         "n_trials": len(rows), "n_quarantined": len(quarantine),
+        "split_rule": split_rule_text(rec, cfg),
         "splits": {s: sum(1 for r in rows if r["split"] == s) for s in schema.SPLITS},
         "mel_version": melmod.MEL_VERSION, "schema_version": schema.SCHEMA_VERSION,
         **({"source": rec.metadata} if rec.metadata else {}),
     }
     return RecordingResult(rec.subject, rec.recording, rows, quarantine, metadata)
+
+
+def ingest_status(manifest: dict) -> tuple[int, str]:
+    """(exit status, verdict in words) of an ingest manifest (``EXIT_*``)."""
+    recs = manifest["recordings"]
+    landed = [r for r in recs if r["status"] == "ok" and r["n_trials"] > 0]
+    if not landed:
+        return EXIT_NOTHING_LANDED, "NOTHING LANDED"
+    if len(landed) < len(recs):
+        return EXIT_SOME_FAILED, f"SOME FILES FAILED ({len(recs) - len(landed)} of {len(recs)})"
+    return EXIT_OK, "all files ingested"
 
 
 def write_result(out: str, res: RecordingResult) -> list[str]:

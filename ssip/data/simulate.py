@@ -137,7 +137,9 @@ class CorpusConfig:
     bids_audio: str = field("file", help="brainvision layout: speech as one WAV per run beside the "
                                          "recording (file) or one per prompt under stimuli/ named "
                                          "by events.tsv's stim_file column (stim_file)")
-    n_tasks: int = field(5, help="contiguous task blocks per subject (Flinker TestNum_cum)")
+    n_tasks: int = field(5, help="contiguous task blocks per subject")
+    flinker_test_per_task: int = field(10, help="flinker layout: the last N trials of each task "
+                                                "are the test rows (written last; TestNum_cum)")
     background: str = field("simulated", help="background activity: simulated (1/f^chi noise) | "
                                               "pyneuromodulation (its 19 s of real ECoG; pip "
                                               "install --no-deps py-neuromodulation==0.1.3) | the "
@@ -179,6 +181,7 @@ class CorpusConfig:
             check_option(f"formats[{i}]", fmt, ["nwb", "flinker", "brainvision"])
         check_option("bids_audio", self.bids_audio, ["file", "stim_file"])
         check_range("n_tasks", self.n_tasks, 1, 1000)
+        check_range("flinker_test_per_task", self.flinker_test_per_task, 0, 100000)
         if self.background not in ("simulated", "pyneuromodulation") and not Path(self.background).exists():
             raise ConfigError(f"background={self.background!r}: choose simulated, pyneuromodulation "
                               "or the path of an existing BIDS-iEEG recording")
@@ -687,7 +690,8 @@ def build_corpus(
             files += formats.write_bids_ieeg_subject(sim, out / formats.BIDS_IEEG_DIR,
                                                      audio=cfg.bids_audio)
         if "flinker" in cfg.formats:
-            files.append(formats.write_flinker(sim, out / "flinker" / f"sub-{sim.subject}.h5"))
+            files.append(formats.write_flinker(sim, out / "flinker" / f"sub-{sim.subject}.h5",
+                                               cfg.flinker_test_per_task))
         subjects.append({
             "subject": sim.subject,
             "n_electrodes": int(sim.raw.shape[1]),

@@ -31,7 +31,7 @@ def ingest_one(item: dict) -> dict:
     cfg = from_dict(IngestConfig, item["config"])
     t0 = time.time()
     try:
-        rec = read_recording(path, fmt, cfg.bids)
+        rec = read_recording(path, fmt, cfg.bids, cfg.nwb)
         res = process_recording(rec, cfg)
     except RecordingError as e:
         log.error("%s", e)
@@ -40,13 +40,15 @@ def ingest_one(item: dict) -> dict:
                               schema.quarantine_table([file_quarantine_row(path, e.subject, e.field, e.reason)]))
         return {"path": path, "subject": e.subject, "recording": "", "status": "failed",
                 "error": str(e), "files": [rel], "n_trials": 0, "n_quarantined": 1,
-                "seconds": time.time() - t0}
+                "split_rule": "", "trials_source": "", "seconds": time.time() - t0}
     files = write_result(out, res)
     # A successful run replaces an earlier file-level failure of the same file.
     storage.delete(storage.join(out, f"quarantine/_files/{Path(path).name}.parquet"))
     return {"path": path, "subject": res.subject, "recording": res.recording, "status": "ok",
             "error": "", "files": files, "n_trials": len(res.rows),
-            "n_quarantined": len(res.quarantine), "seconds": time.time() - t0}
+            "n_quarantined": len(res.quarantine), "split_rule": res.metadata["split_rule"],
+            "trials_source": res.metadata.get("source", {}).get("trials_source", ""),
+            "seconds": time.time() - t0}
 
 
 def run_ingest(source: str, out: str, cfg: IngestConfig, *, address: str | None = None,
@@ -78,7 +80,8 @@ def run_ingest(source: str, out: str, cfg: IngestConfig, *, address: str | None 
     done = {r["path"] for r in results}
     kept = [r for r in previous.get("recordings", []) if r["path"] not in done]
     recs = sorted(kept + [{k: r[k] for k in ("path", "subject", "recording", "status", "error",
-                                             "files", "n_trials", "n_quarantined")} for r in results],
+                                             "files", "n_trials", "n_quarantined", "split_rule",
+                                             "trials_source")} for r in results],
                   key=lambda r: r["path"])
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
