@@ -30,7 +30,6 @@ Pure library code: no Ray, no file I/O (the commands load checkpoints and write 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -46,12 +45,13 @@ from ssip.mel import MEL_FLOOR, N_MELS
 from ssip.sampling import (
     NonFiniteSampleError,
     PosteriorDraws,
-    ddpm_sample,
-    dps_ancestral,
-    dps_edm,
+    check_guidance_rule,
     edm_sample,
+    make_guidance,
+    posterior_draws,
     trial_generator,
 )
+from ssip.sampling.reference import ddpm_sample, dps_ancestral
 
 #: Methods that sample from the prior (and, but for "prior", guide with the likelihood).
 SAMPLED_METHODS = ("dps", "prior", "dps-shuffled")
@@ -148,15 +148,6 @@ class DecodeConfig:
             check_option("methods[]", m, METHODS)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={self.methods} lists a method twice")
-        rules = {"xi": self.xi, "zeta": self.zeta, "weight": self.weight}
-        if sum(v is not None for v in rules.values()) != 1:
-            raise ConfigError(f"give exactly one of xi (normalised step), zeta (constant step) "
-                              f"or weight (Gaussian score), got {rules}: set the others to null")
-        check_range("inflation", self.inflation, 0.0, None)
-        for name in ("xi", "zeta", "weight"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{name}={v!r} must be finite and >= 0")
         check_range("n_draws", self.n_draws, 1, None)
         if self.control_draws is not None:
             check_range("control_draws", self.control_draws, 1, None)
@@ -169,10 +160,12 @@ class DecodeConfig:
             raise ConfigError(f"s_min={self.s_min} exceeds s_max={self.s_max}")
         check_range("batch_size", self.batch_size, 1, None)
         check_option("sampler", self.sampler, SAMPLERS)
+        try:
+            check_guidance_rule({"xi": self.xi, "zeta": self.zeta, "weight": self.weight},
+                                self.inflation, sampler=self.sampler)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if self.sampler == "ancestral":
-            if self.xi is not None:
-                raise ConfigError("sampler=ancestral takes weight or zeta, not xi (the "
-                                  "normalised step is defined for the EDM sampler)")
             if self.guide_sigma_max is not None:
                 raise ConfigError("guide_sigma_max is for sampler=edm; the ancestral reference "
                                   "guides every step")
@@ -471,49 +464,46 @@ def _sample_batch(method: str, denoiser, likelihood, forward, ys: np.ndarray | N
     """K draws of one padded batch (B trials of T_pad frames) for one sampled method.
 
     All B * K draws go through the sampler in ONE call (item b * K + k is draw k of trial b,
-    seeded by its own generator), or ``cfg.draws_per_call`` draws of every trial per call: the
-    samplers treat items independently, so this equals K calls of B items
-    (:func:`~ssip.sampling.posterior_draws`) up to float rounding, and a larger batch keeps the
-    CPU's matrix kernels busier (about 1.5x faster per draw at 16).
+    seeded by its own generator), or ``cfg.draws_per_call`` draws of every trial per call
+    (:func:`~ssip.sampling.posterior_draws`): the samplers treat items independently, so this
+    equals K calls of B items up to float rounding, and a larger batch keeps the CPU's matrix
+    kernels busier (about 1.5x faster per draw at 16).
     """
     from ssip.models.likelihood import make_residual
 
-    per_call = min(cfg.draws_per_call or n_draws, n_draws)
-    chunks = []
-    for d0 in range(0, n_draws, per_call):
-        draws = range(d0, min(n_draws, d0 + per_call))
-        k = len(draws)
-        generators = [trial_generator(cfg.seed, key, d, device=device) for key in keys
-                      for d in draws]
-        shape = (len(keys) * k, 1, N_MELS, t_pad)
+    B = len(keys)
+    rule = {"zeta": cfg.zeta, "weight": cfg.weight, "inflation": cfg.inflation,
+            "sigma_data": float(getattr(denoiser, "sigma_data", 0.5))}
+
+    def sampler(shape_or_latents: tuple[int, ...], generators: list[torch.Generator]):
+        k = len(generators) // B  # draws of each trial in this call, item b * k + j
         mask_k = mask.repeat_interleave(k, dim=0)
-        if method == "prior":
-            if cfg.sampler == "edm":
-                sampler = functools.partial(edm_sample, denoiser, frame_mask=mask_k, **{
-                    key: v for key, v in schedule.items() if key != "guide_steps"})
-            else:
-                sampler = functools.partial(ddpm_sample, denoiser, frame_mask=mask_k, **schedule)
-        else:
+        residual = None
+        if method != "prior":
             residual = make_residual(likelihood, torch.from_numpy(np.repeat(ys, k, axis=0)),
                                      mask_k, forward=forward)
-            rule = {"zeta": cfg.zeta, "weight": cfg.weight, "inflation": cfg.inflation,
-                    "sigma_data": float(getattr(denoiser, "sigma_data", 0.5))}
-            if cfg.sampler == "edm":
-                sampler = functools.partial(dps_edm, denoiser, residual, xi=cfg.xi,
-                                            frame_mask=mask_k, **rule, **schedule)
-            else:
-                sampler = functools.partial(dps_ancestral, denoiser, residual,
-                                            frame_mask=mask_k, **rule, **schedule)
         try:
             # DPS differentiates through the frozen denoiser and likelihood: grad must be on.
             with torch.enable_grad():
-                flat = sampler(shape_or_latents=shape, generators=generators)
+                if cfg.sampler == "edm":
+                    guidance = None if residual is None else make_guidance(residual, xi=cfg.xi,
+                                                                           **rule)
+                    return edm_sample(denoiser, shape_or_latents, generators, guidance=guidance,
+                                      frame_mask=mask_k, **schedule)
+                if residual is None:
+                    return ddpm_sample(denoiser, shape_or_latents, generators, frame_mask=mask_k,
+                                       **schedule)
+                return dps_ancestral(denoiser, residual, shape_or_latents, generators,
+                                     frame_mask=mask_k, **rule, **schedule)
         except NonFiniteSampleError as e:
             bad = sorted({keys[b // k] for b in e.items if b // k < len(keys)})
             raise NonFiniteSampleError(f"method {method!r}, trials {bad}: {e}", e.step,
                                        e.items) from e
-        chunks.append(flat.reshape(len(keys), k, *flat.shape[1:]).float())
-    return PosteriorDraws.from_samples(torch.cat(chunks, dim=1))
+
+    generators = [[trial_generator(cfg.seed, key, d, device=device) for d in range(n_draws)]
+                  for key in keys]
+    return posterior_draws(sampler, generators, draws_per_call=cfg.draws_per_call,
+                           shape_or_latents=(B, 1, N_MELS, t_pad))
 
 
 def _row(trial: Mapping[str, Any], method: str, draw: int, mel) -> dict[str, Any]:

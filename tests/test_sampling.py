@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from ssip.sampling import (
+    Guided,
     NonFiniteSampleError,
     c_in,
     c_out,
     c_skip,
-    dps_ancestral,
+    check_guidance_rule,
     dps_edm,
     edm_sample,
     item_noise,
@@ -23,6 +24,7 @@ from ssip.sampling import (
     trial_generator,
     trial_seed,
 )
+from ssip.sampling.reference import dps_ancestral
 
 F64 = torch.float64
 
@@ -441,6 +443,83 @@ def test_posterior_draws_match_single_calls():
     assert draws.std.min() > 0
     with pytest.raises(ValueError, match="shape"):
         posterior_draws(sampler, [gens(s) for s in seeds], shape_or_latents=torch.zeros(2, 1, 4, T))
+
+
+def test_posterior_draws_batches_several_draws_per_call():
+    # draws_per_call k samples B * k items per call, item b * k + j = draw j of trial b; the
+    # sampler repeats its per-item inputs k times (as ssip.decode does). Same draws as one per call.
+    T, B = 10, 2
+    y = neural_data(B, T)
+    mask = torch.ones(B, T, dtype=torch.bool)
+
+    def sampler(shape_or_latents, generators):
+        k = len(generators) // B
+        res = make_residual(y.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
+        return dps_edm(formula_denoiser, res, shape_or_latents, generators, zeta=0.1, num_steps=6)
+
+    seeds = [[10, 11, 12], [20, 21, 22]]
+    one = posterior_draws(sampler, [gens(s) for s in seeds], shape_or_latents=(B, 1, 4, T))
+    for per_call in (2, None):
+        draws = posterior_draws(sampler, [gens(s) for s in seeds], draws_per_call=per_call,
+                                shape_or_latents=(B, 1, 4, T))
+        assert draws.samples.shape == (B, 3, 1, 4, T)
+        torch.testing.assert_close(draws.samples, one.samples, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="first axis"):
+        posterior_draws(sampler, [gens(s) for s in seeds], shape_or_latents=(3, 1, 4, T))
+
+
+def test_guidance_callable_sees_the_step_and_replaces_the_first_evaluation():
+    # A guidance that returns D(x_hat; t_hat) and no correction is the unguided loop, bit for
+    # bit; it is called on the guided steps only, with Algorithm 2's t_hat (churn) and t_next.
+    T = 6
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    seen = []
+
+    def guidance(x_hat, ctx):
+        seen.append((ctx.step, ctx.t_hat, ctx.t_next, ctx.mask.shape, len(ctx.generators)))
+        return Guided(ctx.denoise(x_hat, ctx.t_hat))
+
+    kw = dict(num_steps=8, S_churn=5, S_min=0.05, S_max=50, frame_mask=mask, pad_value=-1.0)
+    ref = edm_sample(formula_denoiser, (2, 1, 4, T), gens([3, 4]), **kw)
+    steps = [False, True] * 4
+    out = edm_sample(formula_denoiser, (2, 1, 4, T), gens([3, 4]), guidance=guidance,
+                     guide_steps=steps, **kw)
+    assert torch.equal(out, ref)
+    t = karras_sigmas(8).tolist()
+    gamma = min(5 / 8, math.sqrt(2) - 1)
+    assert [s[0] for s in seen] == [1, 3, 5, 7]
+    for i, t_hat, t_next, mask_shape, n_gen in seen:
+        t_hat_expected = t[i] * (1 + gamma) if 0.05 <= t[i] <= 50 else t[i]
+        assert t_hat == pytest.approx(t_hat_expected, rel=1e-12) and t_next == t[i + 1]
+        assert mask_shape == (2, 1, 1, T) and n_gen == 2
+    # A correction is added to x_{i+1} on real frames only.
+    shifted = edm_sample(formula_denoiser, (2, 1, 4, T), gens([3, 4]), num_steps=1,
+                         guidance=lambda x, ctx: Guided(ctx.denoise(x, ctx.t_hat),
+                                                        torch.ones_like(x)), frame_mask=mask)
+    plain = edm_sample(formula_denoiser, (2, 1, 4, T), gens([3, 4]), num_steps=1, frame_mask=mask)
+    torch.testing.assert_close(shifted[0, ..., :4], plain[0, ..., :4] + 1)
+    torch.testing.assert_close(shifted[1], plain[1] + 1)
+    with pytest.raises(ValueError, match="guide_steps"):
+        edm_sample(formula_denoiser, (2, 1, 4, T), gens([3, 4]), num_steps=8, guide_steps=[True])
+
+
+def test_guidance_rule_is_checked_in_one_place():
+    assert check_guidance_rule({"xi": None, "zeta": 0.5, "weight": None}) == "zeta"
+    assert check_guidance_rule({"weight": 1.0}, 3.0, sampler="ancestral") == "weight"
+    # The message offers the caller's rules in its order.
+    with pytest.raises(ValueError, match=r"exactly one of xi \(normalised step\), zeta"):
+        check_guidance_rule({"xi": 0.1, "zeta": 0.1, "weight": None})
+    with pytest.raises(ValueError, match=r"exactly one of zeta \(constant step\) or weight"):
+        check_guidance_rule({"zeta": None, "weight": None})
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            check_guidance_rule({"weight": bad})
+        with pytest.raises(ValueError, match="inflation"):
+            check_guidance_rule({"weight": 1.0}, bad)
+    with pytest.raises(ValueError, match="not xi"):
+        check_guidance_rule({"xi": 0.1}, sampler="ancestral")
+    with pytest.raises(ValueError, match="unknown"):
+        check_guidance_rule({"eta": 0.1})
 
 
 def test_non_finite_update_names_the_step():

@@ -391,13 +391,9 @@ class EDMPrior(nn.Module):
             x = x[:, None]  # (B, 80, T) -> (B, 1, 80, T)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
-        bc = (-1, 1, 1, 1)
+        # D = mu + c_skip (x - mu) + c_out F(c_in (x - mu), c_noise), coefficients in float32.
         mu = self.data_mean.view(1, 1, -1, 1)
-        xc = x - mu
-        f_x = self.net((c_in.view(bc) * xc).to(x.dtype), c_noise)
-        d_x = mu + c_skip.view(bc) * xc + c_out.view(bc) * f_x.to(torch.float32)
-        d_x = d_x.to(x.dtype)
+        d_x = edm.precondition(self.net, x, sigma, self.sigma_data, mean=mu)
         return d_x[:, 0] if squeeze else d_x
 
 

@@ -5,6 +5,10 @@ Preconditioning (Table 1), the sigma schedule (Eq. 5) and the stochastic Heun sa
 ``torch.Generator`` per batch item (:mod:`ssip.sampling.noise`). Nothing here imports Ray or
 touches files.
 
+:func:`edm_sample` is THE sampler loop: unconditional with ``guidance=None``, posterior sampling
+with a :data:`Guidance` callable that replaces the first denoiser evaluation of a step and adds a
+correction to x_{i+1} (DPS's rules: :mod:`ssip.sampling.dps`, :mod:`ssip.sampling.reference`).
+
 Conventions shared with :mod:`ssip.sampling.dps`:
 
 - ``denoiser(x, sigma) -> D_x``: the preconditioned denoiser (an estimate of the clean x0), with
@@ -19,12 +23,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 
 from ssip.sampling.noise import item_noise
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``denoise(x, t) -> D(x; t)``: the denoiser at one noise level t (float) for the whole batch,
+#: float64 out; differentiable, so a guidance rule can take gradients through it.
+Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 class NonFiniteSampleError(FloatingPointError):
@@ -69,28 +77,38 @@ def precondition(
     F: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     sigma: torch.Tensor,
-    sigma_data: float,
+    sigma_data: float | torch.Tensor,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+    """The preconditioned denoiser D(x; sigma) = mu + c_skip (x - mu) + c_out F(c_in (x - mu); ...).
+
+    In full, D(x; sigma) = mu + c_skip (x - mu) + c_out F(c_in (x - mu); c_noise). With ``mean``
+    None (mu = 0) this is Karras et al.'s D(x; sigma) = c_skip x + c_out F(c_in x; c_noise); a
+    data mean mu applies EDM to the mean-removed data (:class:`ssip.models.prior.EDMPrior`).
 
     Parameters
     ----------
     F : callable
-        The raw network, ``F(c_in * x, c_noise) -> (B, *S)`` with c_noise of shape (B,).
+        The raw network, ``F(c_in * (x - mu), c_noise) -> (B, *S)`` with c_noise of shape (B,).
     x : torch.Tensor, shape (B, *S)
         Noisy input (data units).
     sigma : torch.Tensor, shape (B,)
-        Noise level per item (data units).
-    sigma_data : float
-        Standard deviation of the data (measured on the training set).
+        Noise level per item (data units); the coefficients are computed in its dtype.
+    sigma_data : float or 0-d torch.Tensor
+        Standard deviation of the (mean-removed) data, measured on the training set.
+    mean : torch.Tensor, broadcastable to x, optional
+        The data mean mu (e.g. per mel bin).
 
     Returns
     -------
-    torch.Tensor, shape (B, *S), in x's dtype.
+    torch.Tensor, shape (B, *S), in x's dtype (F's input too; its output is cast to sigma's).
     """
-    s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-    F_x = F(c_in(s, sigma_data) * x, c_noise(sigma))
-    return c_skip(s, sigma_data) * x + c_out(s, sigma_data) * F_x.to(x.dtype)
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    xc = x if mean is None else x - mean
+    F_x = F((c_in(s, sigma_data) * xc).to(x.dtype), c_noise(sigma))
+    skip = c_skip(s, sigma_data) * xc
+    D_x = skip if mean is None else mean + skip
+    return (D_x + c_out(s, sigma_data) * F_x.to(s.dtype)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +198,39 @@ def fill_padding(x: torch.Tensor, mask: torch.Tensor | None, pad_value: float) -
     return x if mask is None else torch.where(mask, x, pad_value)
 
 
+# ----------------------------------------------------------------------------------------------
+# Guidance: what a posterior sampler adds to the loop.
+
+
+class StepContext(NamedTuple):
+    """Step i of :func:`edm_sample` as a :data:`Guidance` callable sees it."""
+
+    step: int  # i, from 0
+    t_hat: float  # noise level of x_hat (t_i raised by the churn)
+    t_next: float  # t_{i+1}, where the step lands
+    denoise: Denoise  # D(x; t), float64, differentiable
+    mask: torch.Tensor | None  # frame mask broadcastable to x (True = real frame), or None
+    generators: Sequence[torch.Generator]  # one per item, for a rule that draws noise
+
+
+class Guided(NamedTuple):
+    """What a :data:`Guidance` callable returns for one step."""
+
+    denoised: torch.Tensor  # D(x_hat; t_hat) (B, *S) float64, the Euler step's x0 estimate
+    correction: torch.Tensor | None = None  # added to x_{i+1} after the Euler/Heun update
+    norm: torch.Tensor | None = None  # (B,) per-trial residual norm, for the callback
+
+
+#: ``guidance(x_hat, ctx) -> Guided(denoised, correction, norm)``: evaluates the denoiser at
+#: (x_hat, ctx.t_hat) itself, so that it can differentiate through it (DPS's
+#: grad_{x_t} ||y - A(D(x_t))||), and returns a correction of x_{i+1}; the loop zeroes it on
+#: padded frames. The rules: :func:`ssip.sampling.dps.gaussian_score` (production),
+#: :func:`ssip.sampling.reference.normalised_step`, :func:`ssip.sampling.reference.constant_step`.
+Guidance = Callable[[torch.Tensor, StepContext], Guided]
+#: ``callback(step, sigma, x0_hat, residual_norm)``; residual_norm (B,) or None when unguided.
+StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor | None], None]
+
+
 def edm_sample(
     denoiser: Denoiser,
     shape_or_latents: Sequence[int] | torch.Tensor,
@@ -194,11 +245,20 @@ def edm_sample(
     S_max: float = float("inf"),
     S_noise: float = 1.0,
     heun: bool = True,
+    guidance: Guidance | None = None,
+    guide_steps: Sequence[bool] | None = None,
     frame_mask: torch.Tensor | None = None,
     pad_value: float = 0.0,
     device: str | torch.device | None = None,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Unconditional EDM sampling (Karras et al. 2022, Algorithm 2; Euler when heun=False).
+    """EDM sampling (Karras et al. 2022, Algorithm 2; Euler when heun=False), optionally guided.
+
+    Step i raises t_i to t_hat = (1 + gamma_i) t_i with fresh noise (churn), takes the Euler step
+    x_{i+1} = x_hat + (t_{i+1} - t_hat) d_i with d_i = (x_hat - D(x_hat; t_hat)) / t_hat, and, but
+    on the last step, Heun's correction with d'_i = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1}. On a
+    guided step ``guidance`` supplies D(x_hat; t_hat) and a correction that is added to x_{i+1}
+    (the DPS update); with ``guidance=None`` this is the unconditional sampler.
 
     Parameters
     ----------
@@ -215,23 +275,37 @@ def edm_sample(
         Stochasticity (Algorithm 2); S_churn = 0 is the deterministic ODE sampler.
     heun : bool
         Second-order correction on every step but the last.
+    guidance : callable, optional
+        ``guidance(x_hat, ctx) -> Guided`` (:data:`Guidance`); None samples the prior.
+    guide_steps : sequence of bool, length num_steps, optional
+        With ``guidance``: guide only the steps marked True (default: all); an unguided step
+        skips the likelihood and its backward pass.
     frame_mask : torch.Tensor, shape (B, T), bool, optional
-        True on real frames; padded frames are set to ``pad_value`` in the output.
+        True on real frames; padded frames evolve unguided and are set to ``pad_value`` in the
+        output.
     device
         Device of the drawn latents (ignored when latents are given).
+    callback : callable, optional
+        ``callback(i, t_hat, D_x, norm)`` after each step, for logging; must not modify.
 
     Returns
     -------
     torch.Tensor, shape (B, *S), float32
     """
+    if guide_steps is None:
+        guide_steps = [True] * num_steps
+    if len(guide_steps) != num_steps:
+        raise ValueError(f"guide_steps has {len(guide_steps)} entries for num_steps={num_steps}")
     latents = initial_latents(shape_or_latents, generators, device)
     mask = check_frame_mask(frame_mask, latents)
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
     B = latents.shape[0]
+    what = "edm_sample" if guidance is None else "guided edm_sample"
 
     def D(x: torch.Tensor, t: float) -> torch.Tensor:
         return denoiser(x, torch.full((B,), t, dtype=torch.float64, device=x.device)).double()
 
+    # No graph outside the guidance: a guidance callable enables grad for its own evaluation.
     with torch.no_grad():
         x_next = latents * t_steps[0]
         for i, (t_cur, t_next) in enumerate(pairwise(t_steps)):
@@ -243,12 +317,24 @@ def edm_sample(
             if gamma > 0:
                 eps = item_noise_like(generators, x_cur)
                 x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * eps
+            # Denoise at t_hat, through the guidance on a guided step.
+            if guidance is not None and guide_steps[i]:
+                ctx = StepContext(i, t_hat, t_next, D, mask, generators)
+                D_x, correction, norm = guidance(x_hat, ctx)
+                D_x = D_x.detach()
+            else:
+                D_x, correction, norm = D(x_hat, t_hat), None, None
             # Euler step.
-            d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
+            d_cur = (x_hat - D_x) / t_hat
             x_next = x_hat + (t_next - t_hat) * d_cur
             # Apply 2nd order correction.
             if heun and i < num_steps - 1:
                 d_prime = (x_next - D(x_next, t_next)) / t_next
                 x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-            check_finite(x_next, i, t_hat, "edm_sample")
+            # Guidance step, per trial, on real frames only.
+            if correction is not None:
+                x_next = x_next + fill_padding(correction, mask, 0.0)
+            check_finite(x_next, i, t_hat, what)
+            if callback is not None:
+                callback(i, t_hat, D_x, norm)
     return fill_padding(x_next, mask, pad_value).float()
