@@ -51,6 +51,7 @@ from ssip.sampling import (
     posterior_draws,
     trial_generator,
 )
+from ssip.sampling.daps import daps_sample, gaussian_measurement, stack_residuals
 from ssip.sampling.reference import ddpm_sample, dps_ancestral
 
 #: Methods that sample from the prior (and, but for "prior", guide with the likelihood).
@@ -61,7 +62,11 @@ METHODS = SAMPLED_METHODS + BASELINE_METHODS
 #: ``draw`` of the posterior-mean row (and of the baselines' single prediction).
 MEAN_DRAW = -1
 #: Samplers of DecodeConfig.sampler.
-SAMPLERS = ("edm", "ancestral")
+SAMPLERS = ("edm", "ancestral", "daps")
+#: Evidence a posterior sampler can use (DecodeConfig.evidence): the subject's encoding
+#: likelihood p(neural | mel), and/or the nn decoder's prediction as a Gaussian pseudo-measurement
+#: of the mel (per-bin noise std from its validation error).
+EVIDENCE = ("encoding", "nn")
 
 
 @dataclass
@@ -104,9 +109,29 @@ class DecodeConfig:
     # defaults are the production path; the naive reference (the published recipe) is
     # sampler=ancestral, num_steps=1000, batch_size=1, draws_per_call=1, whisper_window=30s,
     # whisper_layers=all, precision=fp32.
-    sampler: str = field("edm", help="'edm': the few-step EDM Euler/Heun sampler (production); "
-                                     "'ancestral': the paper's DDPM ancestral sampler over "
-                                     "num_steps of its 1000 training steps (weight or zeta rule)")
+    sampler: str = field("edm", help="'edm': the few-step EDM Euler/Heun sampler with DPS "
+                                     "guidance (production); 'ancestral': the paper's DDPM "
+                                     "ancestral sampler over num_steps of its 1000 training steps "
+                                     "(weight or zeta rule); 'daps': decoupled annealing "
+                                     "(ssip.sampling.daps): num_steps noise levels, Langevin "
+                                     "steps on x0 with the likelihood only, no backprop through "
+                                     "the prior")
+    evidence: list[str] = field(default_factory=lambda: ["encoding"],
+                                help="what guides the posterior: 'encoding' (the subject's "
+                                     "likelihood p(neural | mel)) and/or 'nn' (the nn decoder's "
+                                     "mel as a Gaussian pseudo-measurement, per-bin noise from "
+                                     "its validation error); both views read the same neural "
+                                     "data, so evidence_weights should sum to 1 to count it once")
+    evidence_weights: list[float] | None = field(None, help="exponent of each evidence term, in "
+                                                            "the order of evidence (null = 1 "
+                                                            "each)")
+    daps_langevin_steps: int = field(20, help="daps: Langevin steps on x0 per noise level")
+    daps_step_scale: float = field(0.05, help="daps: Langevin step = this x r_t^2 (r_t^2 the "
+                                              "variance of x0 given x_t)")
+    daps_x0: str = field("tweedie", help="daps: x0 estimate from x_t, 'tweedie' (one denoiser "
+                                         "call) or 'ode' (daps_ode_steps of the probability-flow "
+                                         "ODE)")
+    daps_ode_steps: int = field(4, help="daps with daps_x0=ode: ODE steps per noise level")
     guide_sigma_max: float | None = field(None, help="guide only the steps at noise level <= "
                                                      "this (null = every step): an unguided "
                                                      "step skips the likelihood and the "
@@ -160,15 +185,37 @@ class DecodeConfig:
             raise ConfigError(f"s_min={self.s_min} exceeds s_max={self.s_max}")
         check_range("batch_size", self.batch_size, 1, None)
         check_option("sampler", self.sampler, SAMPLERS)
+        self.evidence = list(self.evidence)
+        if not self.evidence or len(set(self.evidence)) != len(self.evidence):
+            raise ConfigError(f"evidence={self.evidence}: give one or more of {list(EVIDENCE)}, "
+                              "each once")
+        for e in self.evidence:
+            check_option("evidence[]", e, EVIDENCE)
+        if self.evidence_weights is not None:
+            self.evidence_weights = [float(w) for w in self.evidence_weights]
+            if len(self.evidence_weights) != len(self.evidence) or any(
+                    not (math.isfinite(w) and w >= 0) for w in self.evidence_weights):
+                raise ConfigError(f"evidence_weights={self.evidence_weights}: one finite weight "
+                                  f">= 0 per evidence {self.evidence}")
+        if self.sampler == "ancestral" and self.evidence != ["encoding"]:
+            raise ConfigError("sampler=ancestral is the published reference: evidence must be "
+                              "['encoding']")
+        if self.sampler == "daps" and self.weight is None:
+            raise ConfigError("sampler=daps weighs the likelihood by weight (the Gaussian "
+                              "likelihood's exponent); xi and zeta are DPS step rules")
+        check_range("daps_langevin_steps", self.daps_langevin_steps, 0, None)
+        check_range("daps_step_scale", self.daps_step_scale, 1e-9, None)
+        check_option("daps_x0", self.daps_x0, ("tweedie", "ode"))
+        check_range("daps_ode_steps", self.daps_ode_steps, 1, None)
         try:
             check_guidance_rule({"xi": self.xi, "zeta": self.zeta, "weight": self.weight},
                                 self.inflation, sampler=self.sampler)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        if self.sampler != "edm" and self.guide_sigma_max is not None:
+            raise ConfigError(f"guide_sigma_max is for sampler=edm; sampler={self.sampler} "
+                              "guides every step")
         if self.sampler == "ancestral":
-            if self.guide_sigma_max is not None:
-                raise ConfigError("guide_sigma_max is for sampler=edm; the ancestral reference "
-                                  "guides every step")
             if self.num_steps > 1000:
                 raise ConfigError(f"num_steps={self.num_steps}: the ancestral sampler respaces "
                                   f"its 1000 training steps; choose 1..1000")
@@ -193,6 +240,10 @@ class DecodeConfig:
         if self.precision != "auto":
             return self.precision
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+    def weights(self) -> list[float]:
+        """The exponent of each evidence term (``evidence_weights``, default 1 each)."""
+        return list(self.evidence_weights or [1.0] * len(self.evidence))
 
     def guide_steps(self) -> list[bool] | None:
         """Which EDM steps are guided under ``guide_sigma_max`` (None: all)."""
@@ -380,10 +431,11 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     cfg = cfg or DecodeConfig()
     methods = list(cfg.methods)
     guided = [m for m in methods if m in ("dps", "dps-shuffled")]
-    if guided and likelihood is None:
+    encoding = bool(guided) and "encoding" in cfg.evidence
+    if encoding and likelihood is None:
         raise ValueError(f"decode_trials: methods {guided} need a likelihood; pass the subject's "
                          f"likelihood or drop them from methods")
-    n_el = likelihood.n_electrodes if likelihood is not None and guided else None
+    n_el = likelihood.n_electrodes if likelihood is not None and encoding else None
     subject = _check_trials(trials, n_el)
     if shuffled_neural is not None and len(shuffled_neural) != len(trials):
         raise ValueError(f"decode_trials: {len(shuffled_neural)} shuffled_neural arrays for "
@@ -392,6 +444,15 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
         raise ValueError(f"decode_trials (subject {subject!r}): 'dps-shuffled' needs >= 2 trials "
                          f"to borrow another trial's neural data; got 1")
     baselines = dict(baselines or {})
+    pseudo = None  # (nn decoder, per-bin noise std (80, 1)) when "nn" is evidence
+    if guided and "nn" in cfg.evidence:
+        nn_dec = baselines.get("nn")
+        std = getattr(nn_dec, "noise_std", None)
+        if nn_dec is None or std is None:
+            raise ValueError(f"decode_trials (subject {subject!r}): evidence 'nn' needs the "
+                             f"subject's fitted nn decoder with its validation noise_std; pass "
+                             f"baselines={{'nn': decoder}} (ssip train baseline --kind nn)")
+        pseudo = (nn_dec, torch.as_tensor(np.asarray(std, np.float64)).reshape(N_MELS, 1))
     missing = [m for m in methods if m in BASELINE_METHODS and m not in baselines]
     if missing:
         raise ValueError(f"decode_trials (subject {subject!r}): no fitted decoder for {missing}; "
@@ -409,7 +470,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     if sampled:
         factor = cfg.pad_factor(int(getattr(prior, "factor", 8)))
         denoiser = prior_denoiser(prior, cfg)
-        if cfg.sampler == "edm":
+        if cfg.sampler in ("edm", "daps"):  # daps: its "prior" control is the EDM one
             schedule = {"num_steps": cfg.num_steps, "sigma_min": cfg.sigma_min,
                         "sigma_max": cfg.sigma_max, "rho": cfg.rho, "heun": cfg.heun,
                         "S_churn": cfg.s_churn, "S_min": cfg.s_min, "S_max": cfg.s_max,
@@ -417,25 +478,32 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                         "guide_steps": cfg.guide_steps()}
         else:
             schedule = {"num_steps": cfg.num_steps, "pad_value": MEL_FLOOR}
-        forward = _likelihood_forward(likelihood, cfg) if guided else None
+        forward = _likelihood_forward(likelihood, cfg) if encoding else None
         device = next(prior.parameters()).device
         batches = _batches(lengths, factor, cfg.batch_size)
         bar = tqdm(total=n, desc=f"decode {subject}", unit="trial", disable=not progress)
-        with whisper_switches(likelihood if guided else None, cfg):
+        with whisper_switches(likelihood if encoding else None, cfg):
             for t_pad, idx in batches:
                 mask = torch.zeros((len(idx), t_pad), dtype=torch.bool)
                 for b, i in enumerate(idx):
                     mask[b, :lengths[i]] = True
                 mask = mask.to(device)
                 for method in sampled:
-                    ys = None
+                    ys = zs = None
                     if method != "prior":
                         src = neural if method == "dps" else shuffled
                         ys = np.stack([_fit_length(src[i], t_pad) for i in idx])  # (B, T_pad, C)
+                        if pseudo is not None:  # the nn's mel of the same (or shuffled) neural
+                            zs = np.full((len(idx), 1, N_MELS, t_pad), MEL_FLOOR, np.float32)
+                            for b, i in enumerate(idx):
+                                zs[b, 0, :, :lengths[i]] = _fit_length(
+                                    pseudo[0].predict(src[i]).T, lengths[i]).T
                     n_draws = cfg.n_draws if method == "dps" else cfg.control_draws or cfg.n_draws
-                    draws = _sample_batch(method, denoiser, likelihood, forward, ys, mask, t_pad,
+                    draws = _sample_batch(method, denoiser, likelihood if encoding else None,
+                                          forward, ys, mask, t_pad,
                                           [trial_key(trials[i]) for i in idx], n_draws, cfg,
-                                          schedule, device)
+                                          schedule, device,
+                                          None if zs is None else (zs, pseudo[1]))
                     for b, i in enumerate(idx):
                         t = lengths[i]
                         rows = out[(i, method)]
@@ -459,8 +527,8 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
 
 def _sample_batch(method: str, denoiser, likelihood, forward, ys: np.ndarray | None,
                   mask: torch.Tensor, t_pad: int, keys: list[str], n_draws: int,
-                  cfg: DecodeConfig, schedule: dict[str, Any], device: torch.device
-                  ) -> PosteriorDraws:
+                  cfg: DecodeConfig, schedule: dict[str, Any], device: torch.device,
+                  pseudo: tuple[np.ndarray, torch.Tensor] | None = None) -> PosteriorDraws:
     """K draws of one padded batch (B trials of T_pad frames) for one sampled method.
 
     All B * K draws go through the sampler in ONE call (item b * K + k is draw k of trial b,
@@ -480,11 +548,34 @@ def _sample_batch(method: str, denoiser, likelihood, forward, ys: np.ndarray | N
         mask_k = mask.repeat_interleave(k, dim=0)
         residual = None
         if method != "prior":
-            residual = make_residual(likelihood, torch.from_numpy(np.repeat(ys, k, axis=0)),
-                                     mask_k, forward=forward)
+            parts = []
+            for ev in cfg.evidence:
+                if ev == "encoding":
+                    parts.append(make_residual(likelihood,
+                                               torch.from_numpy(np.repeat(ys, k, axis=0)),
+                                               mask_k, forward=forward))
+                else:
+                    zs, std = pseudo
+                    parts.append(gaussian_measurement(
+                        torch.from_numpy(np.repeat(zs, k, axis=0)).to(device), std.to(device),
+                        mask_k))
+            residual = (parts[0] if cfg.evidence_weights is None and len(parts) == 1
+                        else stack_residuals(parts, cfg.weights()))
         try:
             # DPS differentiates through the frozen denoiser and likelihood: grad must be on.
             with torch.enable_grad():
+                if cfg.sampler == "daps":
+                    if residual is None:
+                        return edm_sample(denoiser, shape_or_latents, generators,
+                                          frame_mask=mask_k, **schedule)
+                    w = float(cfg.weight)
+                    return daps_sample(
+                        denoiser, residual if w == 1.0 else stack_residuals([residual], [w]),
+                        shape_or_latents, generators, num_levels=cfg.num_steps,
+                        langevin_steps=cfg.daps_langevin_steps, step_scale=cfg.daps_step_scale,
+                        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho,
+                        sigma_data=rule["sigma_data"], x0_estimate=cfg.daps_x0,
+                        ode_steps=cfg.daps_ode_steps, frame_mask=mask_k, pad_value=MEL_FLOOR)
                 if cfg.sampler == "edm":
                     guidance = None if residual is None else make_guidance(residual, xi=cfg.xi,
                                                                            **rule)
