@@ -128,11 +128,13 @@ def ray_cluster(tmp_path_factory, moto_s3):
     """
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     tmp = tmp_path_factory.mktemp("ray")
-    port = _free_port()
-    env = dict(os.environ)
-    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+
+    def cmd(port: int) -> list[str]:
+        return [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp}",
+                "--disable-usage-stats"]
+
+    port = start_head_process(cmd, tmp)
     address = f"127.0.0.1:{port}"
     try:
         yield address
@@ -161,6 +163,48 @@ def ray_connected(ray_cluster):
         os.environ["RAY_ADDRESS"] = old
 
 
+#: Room for Ray's start-up on a busy machine: the `ray start` command's own limit, and the
+#: raylet's wait for its dashboard agent (RAY_agent_register_timeout_ms; Ray's default 30 s was
+#: too short beside a 2-core `make demo`). Both can be raised from the environment.
+RAY_START_TIMEOUT_S = float(os.environ.get("SSIP_TEST_RAY_START_TIMEOUT_S", "300"))
+RAY_AGENT_TIMEOUT_MS = os.environ.get("SSIP_TEST_RAY_AGENT_TIMEOUT_MS", "120000")
+
+
+def _head_logs(temp_dir: Path, lines: int = 30) -> str:
+    """The last lines of a head's own error logs (raylet, dashboard agent, GCS), for a message."""
+    out = []
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    for name in ("raylet.err", "raylet.out", "dashboard_agent.log", "gcs_server.err", "monitor.err"):
+        f = logs / name
+        if f.exists():
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {f} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(out) or f"(no logs under {logs})"
+
+
+def start_head_process(cmd, temp_dir: Path, port: int | None = None) -> int:
+    """Run ``cmd(port)`` (a `ray start --head` argv) and return the port; on failure stop what
+    it started, retry once on a fresh port, and then fail with Ray's own error logs.
+
+    Whatever happens, no process of this head is left running when this raises.
+    """
+    env = dict(os.environ)
+    env.setdefault("RAY_agent_register_timeout_ms", RAY_AGENT_TIMEOUT_MS)
+    errors = []
+    for attempt in (1, 2):
+        port = port if attempt == 1 and port is not None else _free_port()
+        try:
+            subprocess.run(cmd(port), check=True, env=env, capture_output=True,
+                           timeout=RAY_START_TIMEOUT_S)
+            return port
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            stderr = (e.stderr or b"").decode(errors="replace")[-3000:]
+            errors.append(f"attempt {attempt}: {e}\n{stderr}\n{_head_logs(temp_dir)}")
+            _stop_ray_head(str(temp_dir), port)
+    raise RuntimeError(f"`ray start --head` (temp dir {temp_dir}) failed twice; its logs:\n"
+                       + "\n".join(errors))
+
+
 def start_ray_head(tmp: Path, *, dashboard: bool = False, num_cpus: int = 2) -> dict:
     """``ray start --head`` on 127.0.0.1 beside the session's ``ray_cluster``, every port its own.
 
@@ -171,22 +215,26 @@ def start_ray_head(tmp: Path, *, dashboard: bool = False, num_cpus: int = 2) -> 
     ``_stop_ray_head(info["temp_dir"], info["port"])``.
     """
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
-    port, metrics = _free_port(), _free_port()
-    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           f"--num-cpus={num_cpus}", f"--temp-dir={tmp}", "--disable-usage-stats",
-           f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
-    info = {"address": f"127.0.0.1:{port}", "port": port, "temp_dir": str(tmp),
-            "metrics_port": metrics}
+    metrics = _free_port()
+    info = {"temp_dir": str(tmp), "metrics_port": metrics}
+    dash = _free_port()
+
+    def cmd(port: int) -> list[str]:
+        argv = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                f"--num-cpus={num_cpus}", f"--temp-dir={tmp}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={metrics}",
+                f"--runtime-env-agent-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}"]
+        if dashboard:
+            return [*argv, "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}"]
+        return [*argv, "--include-dashboard=false"]
+
+    port = start_head_process(cmd, tmp)
+    info.update(address=f"127.0.0.1:{port}", port=port)
     if dashboard:
-        dash = _free_port()
-        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash}"]
         info["dashboard"] = f"http://127.0.0.1:{dash}"
-    else:
-        cmd += ["--include-dashboard=false"]
-    subprocess.run(cmd, check=True, env=dict(os.environ), capture_output=True, timeout=180)
     return info
 
 
