@@ -1,7 +1,10 @@
 """Connecting to Ray: an existing cluster (RAY_ADDRESS / --address) or an embedded local one.
 
-The embedded instance binds to 127.0.0.1 and keeps Ray's token authentication on (Ray 2.60's
-default); nothing here disables it.
+The embedded instance advertises 127.0.0.1 (its node address) and keeps Ray's token
+authentication on (Ray 2.60's default); nothing here disables it. Ray 2.60 has no setting that
+binds its servers to loopback: its GCS, raylet, workers and dashboard agent listen on all
+interfaces and its runtime-env agent on the machine's own address, each requiring the session's
+token (tests/test_listening.py lists them; docs/distributed.md says what listens where).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray on 127.0.0.1.
+    """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray (node 127.0.0.1).
 
     Returns True when this call started an embedded instance (the caller should
     ``ray.shutdown()`` it when its Ray work is done, so that a long process, such as
@@ -33,7 +36,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("starting an embedded local Ray (num_cpus=%s) on 127.0.0.1", num_cpus)
+        log.info("starting an embedded local Ray (num_cpus=%s, node 127.0.0.1, token auth on)",
+                 num_cpus)
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
