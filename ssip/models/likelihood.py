@@ -17,8 +17,12 @@ Two forward models share one temporal head (:class:`TemporalHead`: 1-D conv over
 Per-electrode noise ``sigma`` (a buffer) is the RMS residual on held-out (val) trials times the
 square root of its long-run variance factor (:func:`variance_inflation`): the features' noise is
 correlated over a few frames, and counting each frame as independent evidence would weight the
-likelihood about 5x too much against the prior.
-:meth:`Likelihood.whitened_residual` gives (y - A(mel)) / sigma with the padding mask, and
+likelihood about 5x too much against the prior. With ``noise_model: whitened`` the noise is
+instead e = AR(p) per electrode driven by innovations with covariance L L^T + diag(psi) across
+electrodes (:mod:`ssip.sampling.whitening`), fitted on the same val residuals and stored in
+``noise_*`` buffers: a slow drift shared by all electrodes is then read as noise, not evidence.
+:meth:`Likelihood.whitened_residual` gives (y - A(mel)) / sigma (or the AR + low-rank whitened
+residual) with the padding mask, and
 :func:`make_residual` wraps it as the ``residual(x0_hat) -> (r, r_mask)`` callable that
 :mod:`ssip.sampling.dps` differentiates (Chung et al., ICLR 2023, Algorithm 1, line 7).
 
@@ -51,10 +55,14 @@ from torch import nn
 
 from ssip.config import ConfigError, check_option, check_range, field, from_dict
 from ssip.mel import MEL_FLOOR, N_MELS
+from ssip.sampling.whitening import TENSOR_NAMES as NOISE_TENSORS
+from ssip.sampling.whitening import NoiseModel, fit_noise_model
 
 log = logging.getLogger(__name__)
 
 KIND = "likelihood"
+#: State-dict prefix of the whitened noise model's buffers (noise_model: whitened).
+NOISE_PREFIX = "noise_"
 SPLITS = ("train", "val", "test")
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +102,16 @@ class LikelihoodConfig:
                                         "so a flat electrode cannot divide by zero")
     noise_lags: int = field(10, help="frames of residual autocorrelation (on val) folded into "
                                      "sigma as its long-run variance; 0 = frames independent")
+    noise_model: str = field("diagonal", help="noise of p(neural | mel): 'diagonal' (one sigma "
+                                              "per electrode, frames and electrodes "
+                                              "independent) or 'whitened' (an AR(noise_order) "
+                                              "filter per electrode and a rank-noise_rank + "
+                                              "diagonal covariance across electrodes, fitted on "
+                                              "val residuals: a drift shared by all electrodes "
+                                              "is not read as speech evidence; "
+                                              "ssip.sampling.whitening)")
+    noise_order: int = field(3, help="whitened noise: AR order per electrode (frames)")
+    noise_rank: int = field(2, help="whitened noise: shared factors across electrodes")
     cache_features: bool = field(True, help="with a frozen backbone, compute its features once "
                                             "per whole trial and train the head on crops of them "
                                             "(exact, and much faster than re-running Whisper)")
@@ -117,6 +135,9 @@ class LikelihoodConfig:
         check_range("window_frames", self.window_frames, 2, None)
         check_range("sigma_min", self.sigma_min, 1e-12, None)
         check_range("noise_lags", self.noise_lags, 0, None)
+        check_option("noise_model", self.noise_model, ("diagonal", "whitened"))
+        check_range("noise_order", self.noise_order, 0, 64)
+        check_range("noise_rank", self.noise_rank, 0, None)
         if not self.whisper_model:
             raise ConfigError("whisper_model='' must name a shipped model or a directory")
 
@@ -239,6 +260,33 @@ class Likelihood(nn.Module):
         self.config = config
         self.head = TemporalHead(in_features, n_electrodes, config, layer_norm)
         self.register_buffer("sigma", torch.ones(n_electrodes))
+        if config.noise_model == "whitened":
+            rank = min(config.noise_rank, max(n_electrodes - 1, 0))
+            identity = NoiseModel.diagonal(torch.ones(n_electrodes))
+            shapes = {"ar": (n_electrodes, config.noise_order), "loadings": (n_electrodes, rank)}
+            for name, value in identity.to_tensors().items():
+                self.register_buffer(NOISE_PREFIX + name, torch.zeros(shapes[name], dtype=torch.float64)
+                                     if name in shapes else value)
+        self._noise_cache: tuple[tuple, NoiseModel] | None = None
+
+    def noise(self) -> NoiseModel | None:
+        """The fitted whitening noise model (``noise_model: whitened``), else None."""
+        if self.config.noise_model != "whitened":
+            return None
+        bufs = [getattr(self, NOISE_PREFIX + n) for n in NOISE_TENSORS]
+        key = tuple((b.data_ptr(), b._version) for b in bufs)
+        if self._noise_cache is None or self._noise_cache[0] != key:
+            self._noise_cache = (key, NoiseModel(*bufs))
+        return self._noise_cache[1]
+
+    def set_noise(self, noise: NoiseModel) -> None:
+        """Store a fitted noise model in the buffers (saved with the checkpoint)."""
+        for name, value in noise.to_tensors().items():
+            buf = getattr(self, NOISE_PREFIX + name)
+            if tuple(buf.shape) != tuple(value.shape):
+                raise ValueError(f"noise {name}: shape {tuple(value.shape)} but the model holds "
+                                 f"{tuple(buf.shape)}")
+            buf.copy_(value.to(buf))
 
     @property
     def n_electrodes(self) -> int:
@@ -301,11 +349,14 @@ class Likelihood(nn.Module):
             raise ValueError(f"neural has shape {tuple(neural.shape)}; expected (B, T, C) = "
                              f"({b}, {t}, {self.n_electrodes}) to match the mel and the model")
         pred = (forward or self)(mel, frame_mask)  # (B, T, C)
-        r = (neural.to(pred) - pred) / self.sigma
         if frame_mask is None:
-            r_mask = torch.ones((b, t, 1), dtype=torch.bool, device=r.device)
+            r_mask = torch.ones((b, t, 1), dtype=torch.bool, device=pred.device)
         else:
-            r_mask = frame_mask.to(r.device)[..., None]
+            r_mask = frame_mask.to(pred.device)[..., None]
+        noise = self.noise()
+        if noise is not None:  # AR + low-rank whitening: e ~ iid N(0, 1) under the model
+            return noise.whiten(neural.to(pred) - pred, r_mask[..., 0]), r_mask
+        r = (neural.to(pred) - pred) / self.sigma
         return torch.where(r_mask, r, 0.0), r_mask
 
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -592,7 +643,7 @@ def _metrics(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray],
     r = pearson_per_electrode(pred, y)
     return {"mse": float(np.mean(res**2)), "r": r, "r_mean": float(np.nanmean(r)),
             "rms": np.sqrt(np.mean(res**2, axis=0)), "n_frames": int(y.shape[0]),
-            "vif": variance_inflation(residuals, noise_lags)}
+            "vif": variance_inflation(residuals, noise_lags), "residuals": residuals}
 
 
 def variance_inflation(residuals: Sequence[np.ndarray], max_lag: int) -> np.ndarray:
@@ -665,7 +716,8 @@ def evaluate_likelihood(model: Likelihood, trials: Sequence[Mapping[str, Any]],
         ``mse`` (mean over frames and electrodes), ``r`` (C,) Pearson r per electrode over the
         concatenated frames, ``r_mean`` (NaN-mean over electrodes), ``rms`` (C,) residual RMS
         per electrode, ``n_frames``, ``vif`` (C,) the residual's long-run variance factor over
-        ``noise_lags`` frames (:func:`variance_inflation`).
+        ``noise_lags`` frames (:func:`variance_inflation`), ``residuals`` (per trial, (T_i, C)
+        y - A(mel), for the whitened noise model's fit).
     """
     preds = predict_trials(model, [np.asarray(t["mel"]) for t in trials], batch_size)
     return _metrics(preds, [np.asarray(t["neural"]) for t in trials], noise_lags)
@@ -780,9 +832,31 @@ def set_noise_sigma(model: Likelihood, m: Mapping[str, Any], sigma_min: float) -
     vif = m["vif"]
     sigma = np.maximum(m["rms"] * np.sqrt(vif), sigma_min)
     model.sigma.copy_(torch.from_numpy(sigma).to(model.sigma))
-    return {"val_mse": m["mse"], "val_r_mean": m["r_mean"], "val_r": [float(v) for v in m["r"]],
-            "sigma": [float(v) for v in model.sigma], "val_rms": [float(v) for v in m["rms"]],
-            "noise_vif": [float(v) for v in vif]}
+    out = {"val_mse": m["mse"], "val_r_mean": m["r_mean"], "val_r": [float(v) for v in m["r"]],
+           "sigma": [float(v) for v in model.sigma], "val_rms": [float(v) for v in m["rms"]],
+           "noise_vif": [float(v) for v in vif]}
+    cfg = model.config
+    if cfg.noise_model == "whitened":
+        rank = min(cfg.noise_rank, max(model.n_electrodes - 1, 0))
+        noise = fit_noise_model(m["residuals"], cfg.noise_order, rank)
+        model.set_noise(noise)
+        out["noise"] = {"model": "whitened", "order": noise.order, "rank": noise.rank,
+                        "innov_std": [float(v) for v in noise.innov_std],
+                        "val_nll_per_frame": float(noise.nll(
+                            *_padded_residuals(m["residuals"])).sum()
+                            / max(1, m["n_frames"] * model.n_electrodes))}
+    return out
+
+
+def _padded_residuals(residuals: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T_max, C) float64 residuals right-padded with zeros, and their (B, T_max) mask."""
+    n = max(r.shape[0] for r in residuals)
+    r = torch.zeros((len(residuals), n, residuals[0].shape[1]), dtype=torch.float64)
+    mask = torch.zeros((len(residuals), n), dtype=torch.bool)
+    for i, x in enumerate(residuals):
+        r[i, :x.shape[0]] = torch.from_numpy(np.asarray(x, np.float64))
+        mask[i, :x.shape[0]] = True
+    return r, mask
 
 
 def train_likelihood(trials: Sequence[Mapping[str, Any]], cfg: LikelihoodConfig | None = None,
