@@ -94,6 +94,73 @@ def margins(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def read_metrics(root: str) -> list[dict]:
+    """Per-trial rows of ROOT/report/metrics.parquet (subject, trial_id, method, draw, metrics)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(root) / "report" / "metrics.parquet").to_pylist()
+
+
+def paired_difference(rows: list[dict], metric: str = "mel_pcc", method: str = "dps",
+                      against: str = "nn", draws: bool = False, seed: int = 0) -> dict:
+    """Per subject and pooled ('*'): mean over trials of metric(method) - metric(against), paired
+    by trial, with a 95 % bootstrap interval (scipy.stats.bootstrap, BCa, trials resampled).
+
+    ``draws``: score ``method``'s single draws (each trial's mean over its draws) instead of its
+    posterior mean (draw -1). Trials missing either score are left out.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    def value(r):
+        v = r.get(metric)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    per: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        v = value(r)
+        if v is None:
+            continue
+        key = (r["subject"], r["trial_id"])
+        if r["method"] == method and ((r["draw"] >= 0) if draws else (r["draw"] < 0)):
+            per.setdefault(key, {}).setdefault("a", []).append(v)
+        elif r["method"] == against and r["draw"] < 0:
+            per.setdefault(key, {}).setdefault("b", []).append(v)
+    diffs: dict[str, list[float]] = {}
+    for (subject, _), d in sorted(per.items()):
+        if "a" in d and "b" in d:
+            x = float(np.mean(d["a"])) - float(np.mean(d["b"]))
+            diffs.setdefault(subject, []).append(x)
+            diffs.setdefault("*", []).append(x)
+    out = {}
+    for subject, xs in diffs.items():
+        x = np.asarray(xs)
+        if len(x) >= 3 and np.ptp(x) > 0:
+            ci = bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=4000,
+                           method="BCa", random_state=seed).confidence_interval
+            lo, hi = float(ci.low), float(ci.high)
+        else:
+            lo = hi = math.nan
+        out[subject] = {"n": len(x), "mean": float(x.mean()), "low": lo, "high": hi}
+    return out
+
+
+def intervals(rows: list[dict]) -> str:
+    """The issue's yardsticks: DPS mean - nn on mel PCC, and DPS draws - nn on closed-set
+    identification, per subject with 95 % bootstrap intervals."""
+    lines = ["paired differences over test trials, mean [95 % bootstrap interval]:"]
+    for label, kw in (("mel_pcc: dps mean - nn", {"metric": "mel_pcc"}),
+                      ("identified: dps draws - nn", {"metric": "identified", "draws": True})):
+        res = paired_difference(rows, **kw)
+        if not res:
+            continue
+        lines.append(f"  {label}")
+        for s in sorted(res, key=lambda s: (s == "*", s)):
+            r = res[s]
+            lines.append(f"    {s:6s} n={r['n']:3d}  {r['mean']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/quality", help="pipeline run folder")
@@ -111,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nquality of {args.root} (means over test trials; wer lower is better)\n")
     print(table(rows, heldout_voice_subjects(args.root)))
     print(margins(rows))
+    metrics = Path(args.root) / "report" / "metrics.parquet"
+    if metrics.exists():
+        print(intervals(read_metrics(args.root)))
     return 0
 
 
