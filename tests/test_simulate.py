@@ -319,3 +319,248 @@ def test_extra_voice_subject(tmp_path, utterances):
     assert ids == [u.utt_id for u in simulate.extra_voice_utterances("asterisk-fr", 4, cfg.seed)]
     assert all(i.startswith("asterisk-fr/") for i in ids)
     assert len(_tsv(tmp_path / "bids" / "participants.tsv")) == 2
+
+
+# --- family mixed (the second, independent brain), phrases, and the default family unchanged ---
+
+SMALL = dict(n_subjects=1, electrodes_min=32, electrodes_max=32, source="pocketsphinx",
+             extra_voices=[], n_tasks=2, gap_s_min=2.0, gap_s_max=3.0)  # long gaps: silence
+
+
+@pytest.fixture(scope="module")
+def pair(utterances):
+    """The same 6 prompts spoken by a spectral-family and a mixed-family subject."""
+    return {fam: simulate.simulate_subject(utterances[:6], CorpusConfig(**SMALL, family=fam), 0)
+            for fam in ("spectral", "mixed")}
+
+
+def _frames_in(sim, pad_s=0.0):
+    t = np.arange(sim.envelope.shape[0]) / melmod.FRAME_RATE
+    sel = np.zeros(len(t), dtype=bool)
+    for tr in sim.trials:
+        sel |= (t >= tr.onset_s - pad_s) & (t < tr.onset_s + tr.duration_s + pad_s)
+    return sel
+
+
+def _silence_hg_correlation(sim):
+    """Mean pairwise correlation across good electrodes of the high-gamma envelope (ssip's own
+    extraction, 0.25 s means) in silence at least 0.5 s from any trial."""
+    from ssip.data.highgamma import high_gamma
+
+    hg = high_gamma(sim.raw, sim.sfreq, line_freq=sim.line_freq)[:, sim.good]
+    n = min(len(hg), sim.envelope.shape[0])
+    quiet = ~_frames_in(sim, pad_s=0.5)[:n]
+    smooth = scipy.ndimage.uniform_filter1d(hg[:n], 25, axis=0)[quiet][::12]
+    c = np.corrcoef(smooth.T)
+    return float(c[np.triu_indices(len(c), 1)].mean()), len(smooth)
+
+
+def test_mixed_noise_is_shared_across_electrodes_after_high_gamma(pair):
+    r_mixed, n = _silence_hg_correlation(pair["mixed"])
+    r_spectral, _ = _silence_hg_correlation(pair["spectral"])
+    assert n >= 40
+    assert r_mixed > 0.3 and abs(r_spectral) < 0.08, (r_mixed, r_spectral)
+    # the raw drift is low-rank: the subject's 3 slow factors explain much of the slow (< 2 Hz)
+    # raw signal of every good electrode; the same regression explains ~nothing of a spectral
+    # subject (same timeline length), whose slow activity is independent per electrode
+    factors = pair["mixed"].shared.factors.astype(np.float64)
+    design = np.c_[factors, np.ones(len(factors))]
+
+    def explained(sim):
+        x = scipy.signal.sosfiltfilt(scipy.signal.butter(2, 2.0, "lowpass", fs=sim.sfreq,
+                                                         output="sos"),
+                                     sim.raw[:, sim.good].astype(np.float64), axis=0)
+        x = x[np.minimum(np.rint(np.arange(len(factors)) / 100 * sim.sfreq).astype(int),
+                         len(x) - 1)]
+        res = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+        return 1 - np.sum(res**2) / np.sum((x - x.mean(axis=0)) ** 2)
+
+    assert explained(pair["mixed"]) > 0.3 > 0.1 > explained(pair["spectral"]), (
+        explained(pair["mixed"]), explained(pair["spectral"]))
+
+
+def test_mixed_snr_at_configured_level_with_shared_noise(pair):
+    """Word minus gap band power over gap power (the gap holds the own and the shared
+    background) matches snr_db, as in the spectral family's test."""
+    sim = pair["mixed"]
+    counted = ~sim.bad & ~sim.unresponsive
+    band, _ = _band_envelope(sim.raw, sim.sfreq)
+    t = np.arange(len(band)) / sim.sfreq
+    in_word = np.zeros(len(t), dtype=bool)
+    near = np.zeros(len(t), dtype=bool)
+    for tr in sim.trials:
+        in_word |= (t >= tr.onset_s) & (t < tr.onset_s + tr.duration_s)
+        near |= (t >= tr.onset_s - 0.4) & (t < tr.onset_s + tr.duration_s + 0.4)
+    p_word = np.mean(band[in_word][:, counted] ** 2, axis=0)
+    p_gap = np.mean(band[~near][:, counted] ** 2, axis=0)
+    snr = 10 * np.log10(np.sum(p_word - p_gap) / np.sum(p_gap))
+    # The shared slow state is common to all electrodes, so the gaps estimate the background
+    # during the words less well than independent noise would (no averaging over electrodes).
+    assert snr == pytest.approx(-6.0, abs=2.0)
+    # gap power over the own background: (1 + 0.5) times the spectral subject's (whose ratio
+    # holds the filters' losses: band edges, notches)
+    ratio = np.sum(p_gap) / np.sum(sim.background_band_rms[counted] ** 2)
+    ref = pair["spectral"]
+    ref_counted = ~ref.bad & ~ref.unresponsive
+    ref_band, _ = _band_envelope(ref.raw, ref.sfreq)
+    ref_ratio = (np.sum(np.mean(ref_band[~near][:, ref_counted] ** 2, axis=0))
+                 / np.sum(ref.background_band_rms[ref_counted] ** 2))
+    assert ratio / ref_ratio == pytest.approx(1.5, rel=0.2), (ratio, ref_ratio)
+
+
+def test_mixed_onset_electrodes_peak_at_word_onsets(pair):
+    """Onset electrodes peak within a few frames after (acoustic onset - lead) and are nearly
+    silent in sustained speech; the spectral family's electrodes are not."""
+    def stats(sim, electrodes):
+        loud = (sim.mel.astype(np.float64) - melmod.MEL_FLOOR).mean(axis=0)
+        delays, ratios = [], []
+        for tr in sim.trials:
+            f0 = int(round(tr.onset_s * 100))
+            f1 = int(round((tr.onset_s + tr.duration_s) * 100))
+            on = f0 + int(np.flatnonzero(loud[f0:f1] > 0.6 * np.percentile(loud[f0:f1], 95))[0])
+            for e in electrodes:
+                lead = int(round(sim.model.lead_s[e] * 100))
+                a = sim.envelope[:, e].astype(np.float64)
+                lo = max(0, f0 - 60)
+                delays.append(lo + int(np.argmax(a[lo: f1])) - (on - lead))
+                ratios.append(a[on - lead + 40: f1 - lead].mean() / a[lo: f1].max())
+        return np.array(delays), np.array(ratios)
+
+    mixed = pair["mixed"]
+    onset = np.flatnonzero((mixed.model.kind == "onset") & ~mixed.unresponsive)
+    assert len(onset) == round(0.3 * (~mixed.unresponsive).sum())
+    delays, ratios = stats(mixed, onset)
+    assert np.mean((delays >= -3) & (delays <= 25)) > 0.75, delays
+    assert 0 <= np.median(delays) <= 20
+    assert np.median(ratios) < 0.15, ratios
+    spectral = pair["spectral"]
+    _, ratios_spectral = stats(spectral, np.flatnonzero(~spectral.unresponsive))
+    assert np.median(ratios_spectral) > 2 * np.median(ratios)
+
+
+def test_mixed_onset_closed_form():
+    """A loudness step of height H in every bin (threshold 0, no smoothing, lead 50 ms): the
+    onset electrode's envelope is g H (1 - alpha)^k, k frames after the step (from frame 95)."""
+    temporal = np.zeros((1, 19))
+    temporal[0, 9] = 1.0
+    model = simulate.MixedEncodingModel(
+        np.full((1, 80), 1 / 80), temporal, lead_s=np.array([0.05]), slope=np.array([1.0]),
+        threshold=np.array([0.0]), gain=np.array([2.0]), kind=np.array(["onset"]),
+        projection=np.zeros((6, 80)), weights=np.zeros((1, 6)), adapt_tau=np.array([20.0]))
+    mel = np.full((80, 200), melmod.MEL_FLOOR)
+    mel[:, 100:] += 1.5
+    env = model.envelope(mel)[:, 0]
+    alpha = 1 - math.exp(-1 / 20)
+    assert np.all(env[:95] == 0)
+    np.testing.assert_allclose(env[95:195], 2.0 * 1.5 * (1 - alpha) ** np.arange(100),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_mixed_gain_spread_and_leads(pair, utterances):
+    """Per-electrode SNR (true envelope in words over the background) spreads by several dB,
+    set by gain_log_sd; leads reach 250 ms and more (U(50, 300) ms)."""
+    def snr_db(sim):
+        counted = ~sim.bad & ~sim.unresponsive
+        p = np.mean(sim.envelope[_frames_in(sim)][:, counted].astype(np.float64) ** 2, axis=0)
+        return 10 * np.log10(p / (1.5 * sim.background_band_rms[counted] ** 2))
+
+    spread = snr_db(pair["mixed"]).std()
+    flat = simulate.simulate_subject(utterances[:6],
+                                     CorpusConfig(**SMALL, family="mixed", gain_log_sd=0.0), 0)
+    assert spread > 3.5 and snr_db(flat).std() < 2.5, (spread, snr_db(flat).std())
+    lead = pair["mixed"].model.lead_s
+    assert lead.max() >= 0.25 and np.all((lead >= 0.05) & (lead <= 0.3))
+    assert pair["spectral"].model.lead_s.max() <= 0.2
+    assert CorpusConfig(family="mixed").lead_ms_upper == 300.0
+    assert CorpusConfig(family="mixed", lead_ms_max=150.0).lead_ms_upper == 150.0
+
+
+def test_mixed_corpus_ground_truth_reproduces_envelope(tmp_path, utterances):
+    cfg = CorpusConfig(**{**TINY, "family": "mixed", "formats": ["flinker"]})
+    card = build_corpus(cfg, tmp_path, utterances=utterances, progress=False)
+    for s in card["subjects"]:
+        assert f"ground_truth/sub-{s['subject']}_mixed.npz" in s["files"]
+        kinds = s["electrode_kinds"]
+        assert kinds["none"] == round(0.25 * s["n_electrodes"]) and min(kinds.values()) > 0
+        model, gt = simulate.read_mixed_ground_truth(tmp_path / "ground_truth" /
+                                                     f"sub-{s['subject']}.npz")
+        np.testing.assert_allclose(model.envelope(gt["mel"]), gt["envelope"], rtol=1e-4,
+                                   atol=1e-4)
+        assert gt["factors"].shape == (gt["envelope"].shape[0], 3)
+        np.testing.assert_allclose(gt["hg_loadings"].sum(axis=1), 1.0)
+        # the spectral reader still reads the common file (its keys are unchanged)
+        base, _ = read_ground_truth(tmp_path / "ground_truth" / f"sub-{s['subject']}.npz")
+        assert base.n_electrodes == s["n_electrodes"]
+    assert "family mixed" in card["encoding_model"]
+
+
+def test_phrases(tmp_path, utterances):
+    """phrase_fraction: trials of 2-4 consecutive prompts, one events row each, utt_ids joined
+    by '+', pauses of 50-150 ms between the prompts; every prompt still spoken exactly once."""
+    cfg = CorpusConfig(**{**TINY, "phrase_fraction": 0.7, "formats": ["nwb"]})
+    card = build_corpus(cfg, tmp_path, utterances=utterances, progress=False)
+    by_id = {u.utt_id: u for u in utterances}
+    spoken, n_phrases = [], 0
+    for s in card["subjects"]:
+        events = [r for r in _tsv(f"{_bids(tmp_path, s['subject'])}_events.tsv")
+                  if r["trial_type"] == "word"]
+        _, gt = read_ground_truth(tmp_path / "ground_truth" / f"sub-{s['subject']}.npz")
+        assert [r["utt_id"] for r in events] == gt["utt_id"].tolist()
+        assert s["n_phrases"] == sum("+" in r["utt_id"] for r in events)
+        for r in events:
+            parts = r["utt_id"].split(simulate.PHRASE_JOIN)
+            spoken += parts
+            assert r["word"] == " ".join(by_id[p].transcript for p in parts)
+            if len(parts) > 1:
+                n_phrases += 1
+                assert 2 <= len(parts) <= 4
+                speech = sum(len(by_id[p].audio) for p in parts) / 16000
+                pause = (float(r["duration"]) - speech) / (len(parts) - 1)
+                assert 0.045 <= pause <= 0.165, pause
+    assert n_phrases >= 1
+    assert sorted(spoken) == [u.utt_id for u in utterances[:8]]
+
+
+def test_phrases_keep_the_subjects_electrodes(utterances):
+    """The grouping has its own stream: the same electrodes, leads and tuning with or without
+    phrases (only kappa, set on the new timeline, may move)."""
+    cfg = CorpusConfig(**{**TINY, "n_tasks": 1})
+    one = simulate.simulate_subject(utterances[:6], cfg, 0)
+    grouped = simulate.simulate_subject(utterances[:6], CorpusConfig(**{**TINY, "n_tasks": 1,
+                                                                        "phrase_fraction": 1.0}), 0)
+    assert len(grouped.trials) < len(one.trials) == 6
+    np.testing.assert_array_equal(one.bad, grouped.bad)
+    np.testing.assert_array_equal(one.model.lead_s, grouped.model.lead_s)
+    np.testing.assert_array_equal(one.model.spectral, grouped.model.spectral)
+    np.testing.assert_array_equal(one.background_band_rms, grouped.background_band_rms)
+
+
+def test_default_family_unchanged(utterances):
+    """Numbers stored from the simulator before the mixed family existed (seed 7, 16 electrodes,
+    2 prompts): the default family draws and renders exactly as it did; family/phrase_fraction
+    set to their defaults explicitly change nothing."""
+    kw = {**TINY, "n_tasks": 1, "seed": 7, "electrodes_min": 16, "electrodes_max": 16}
+    sim = simulate.simulate_subject(utterances[:2], CorpusConfig(**kw), 0)
+    assert sim.raw.shape == (6912, 16) and sim.family == "spectral" and sim.shared is None
+    assert float(sim.raw.astype(np.float64).std()) == pytest.approx(498.66130818410664, rel=1e-6)
+    assert sim.scale == pytest.approx(1.97928857559376, rel=1e-9)
+    np.testing.assert_allclose(sim.model.lead_s[:3],
+                               [0.16417761815622253, 0.05183010932680286, 0.14195616948323117],
+                               rtol=1e-12)
+    np.testing.assert_allclose(sim.raw[1000, :4], [-33.3433723449707, -1.861910343170166,
+                                                   90.856689453125, -63.34736251831055], rtol=1e-5)
+    assert float(np.abs(sim.envelope).sum()) == pytest.approx(2667.743896484375, rel=1e-5)
+    same = simulate.simulate_subject(utterances[:2], CorpusConfig(
+        **kw, family="spectral", phrase_fraction=0.0, lead_ms_max=200.0), 0)
+    np.testing.assert_array_equal(sim.raw, same.raw)
+    np.testing.assert_array_equal(sim.envelope, same.envelope)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"family": "onset"}, "family='onset' is not allowed"),
+    ({"phrase_fraction": 1.5}, "phrase_fraction=1.5 is out of range"),
+    ({"family": "mixed", "lead_ms_min": 400.0}, "lead_ms_max=300.0 is out of range"),
+])
+def test_family_config_validation(override, match):
+    with pytest.raises(ConfigError, match=match):
+        CorpusConfig(**override)

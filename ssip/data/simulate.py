@@ -16,8 +16,8 @@ timeline's mel equals each prompt's own mel, placed end to end. The audio track 
 loudness-normalised speech (:func:`ssip.mel.normalize_loudness`, per prompt) with exact zeros in
 the gaps; the neural recording starts and ends with the audio track.
 
-Ground-truth encoding model (per electrode ``e``; all frames at 100 Hz)
------------------------------------------------------------------------
+Ground-truth encoding model, family spectral (per electrode ``e``; frames at 100 Hz)
+------------------------------------------------------------------------------------
 1. Mel above floor: ``m(f, t) = mel(f, t) - MEL_FLOOR`` where ``mel`` is
    ``ssip.mel.log_mel(normalize_loudness(audio))`` of each prompt and ``MEL_FLOOR`` in the gaps,
    so ``m`` is 0 in silence and about 1-2 in loud speech. Shape (80, T).
@@ -60,9 +60,74 @@ Raw rendering at ``sfreq`` (µV)
    or wildly noisy (white noise of 2 mV RMS plus 10x line noise), marked bad in the
    files. Their ground-truth envelope is still stored (what the electrode would have seen).
 
+Two brains: ``family``
+----------------------
+Everything above is ``family: spectral`` (the default; the decoder was developed on it). A
+second brain, ``family: mixed``, differs IN KIND in what drives the electrodes, in how long they
+lead, in how unequal they are and in the noise, so that a decoder tuned on one can be tested on
+the other. It keeps steps 1, 6, 7 (per-electrode 1/f background, mains, carrier), 8 and 9 and the
+timeline, and replaces the rest (frames at 100 Hz, ``m`` as in step 1):
+
+M1. Features. Loudness ``E(t) = mean_f m(f, t)``; ``K_a = 6`` "articulatory-like" features
+    ``z(t) = P m(t)``, ``P`` (6, 80) per subject, rows smooth random spectral contrasts (white
+    noise over bins smoothed by a Gaussian of 6 bins, zero mean, unit norm): spectral SHAPE, not
+    level. No Gaussian spectral tuning anywhere.
+M2. Electrode kinds (responsive electrodes, drawn by permutation): ``onset_fraction`` are ONSET
+    electrodes, of the rest one third follow the broadband ENVELOPE and two thirds are
+    ARTICULATORY. Each has a causal temporal kernel ``h_e(k) ∝ exp(-k / τ_e)``, ``k = 0..9``
+    frames, sum 1 (``temporal`` holds it at offsets -9..9, zero for the future), and
+      - onset: ``L_e = [E - θ_e]_+`` with ``θ_e = q_e E95``, ``E95`` the 95th percentile of
+        ``E`` over the subject's spoken frames and ``q_e ~ U(0.35, 0.6)`` (above the recording
+        noise of a prompt, so the response starts with the voice), ``s_e = h_e * L_e``
+        (``τ_e ~ U(0.5, 1.5)``), adaptation ``A_e(t) = (1 - α_e) A_e(t - 1) + α_e s_e(t - 1)`` with
+        ``α_e = 1 - exp(-1 / τa_e)``, ``τa_e ~ U(10, 30)`` frames (100-300 ms), and
+        ``u_e = [s_e - A_e]_+``: a transient at each onset after silence that decays within
+        ``τa_e`` in sustained speech (a step of height ``H`` gives ``H (1 - α_e)^k`` ``k``
+        frames after it); ``γ_e = 1``.
+      - envelope: ``u_e = [h_e * E - θ_e]_+^γ_e``, ``θ_e = q_e E95``, ``q_e ~ U(0.25, 0.6)``,
+        compressive ``γ_e ~ U(0.5, 1)``, ``τ_e ~ U(1, 4)``.
+      - articulatory: ``y_e = h_e * (v_e · z)``, ``v_e ~ N(0, I / 6)``, ``u_e = [y_e - θ_e]_+^γ_e``
+        with ``θ_e = q_e · rms(y_e)`` over the spoken frames, ``q_e ~ U(0, 0.5)``, expansive
+        ``γ_e ~ U(1, 2)``, ``τ_e ~ U(1, 4)``: half-wave rectified, signed mixtures of spectral
+        shape features.
+    ``u_e`` is 0 in silence for every kind.
+M3. Gains: ``r_e = g_e u_e / rms_e`` where ``rms_e`` is the RMS of ``u_e`` over the spoken
+    frames and ``g_e = κ exp(N(0, gain_log_sd^2))``: electrodes differ by several dB of SNR
+    (sd ``8.7 · gain_log_sd`` dB, 5.2 dB at the default 0.6), not only by their tuning.
+    ``gain`` stores ``g_e / rms_e``.
+M4. Leads ``L_e ~ U(lead_ms_min, lead_ms_max)`` with ``lead_ms_max`` 300 ms by default (200 ms
+    for ``spectral``), applied as in step 5.
+M5. Correlated noise. ``K_s = 3`` latent slow factors ``f_k(t)``: 1/f^2 noise, high-passed at
+    0.5 Hz and low-passed at 2 Hz (2nd-order Butterworth, zero phase), unit RMS, one set per
+    subject. They reach every good electrode twice:
+      - raw drift ``D_e Σ_k λ_ek f_k(t)``, ``λ_ek ~ N(0, 1 / 3)`` (signed: a low-rank shared
+        component), ``D_e = 30 µV · exp(N(0, 0.3^2))``;
+      - a shared high-gamma state ``S_e Σ_k w_ek exp(0.4 f_k(t)) · c'_e(t)``: a slowly varying
+        70-170 Hz amplitude common to all electrodes (``w_e ~ Dirichlet(1, 1, 1)``, non-negative,
+        so the high-gamma envelopes of different electrodes co-vary positively even in silence)
+        on an independent carrier ``c'_e`` drawn like ``c_e``; ``S_e`` makes its mean band power
+        ``shared_noise_fraction · bandpower_e(b_e)``.
+    The background of step 8 is then ``(1 + shared_noise_fraction) bandpower_e(b_e)``.
+    Ground truth of the family (kinds, ``P``, ``v_e``, ``τa_e``, loadings, ``D_e``, ``S_e``,
+    the factors at the 100 Hz frames) goes to ``ground_truth/sub-<label>_mixed.npz``
+    (:func:`read_mixed_ground_truth`); the common ground-truth file keeps its keys, with
+    ``spectral`` the effective linear weights (uniform 1/80 for onset and envelope electrodes,
+    ``v_e P`` for articulatory ones), ``slope`` = ``γ_e`` and ``threshold`` = ``θ_e``.
+
+Phrases (either family): with ``phrase_fraction > 0`` each trial starts, with that chance, a
+phrase of 2-4 consecutive prompts separated by pauses of U(0.05, 0.15) s (whole frames, exact
+zeros, ``MEL_FLOOR``) instead of fixation gaps. A phrase is ONE trial: ``utt_id`` is its prompts'
+ids joined by ``+``, ``transcript`` their transcripts joined by a space, its extent from the
+first prompt's start to the last prompt's end. The grouping has its own random stream and the
+pauses take the places of the gaps' draws, so the electrodes of a subject do not change.
+Caveat: :mod:`ssip.data.leakage` and the default speech corpus's ``--exclude-from`` match
+utterance ids exactly, so they do not see the prompts inside a phrase id (split on
+:data:`PHRASE_JOIN` before relying on them); ``phrase_fraction`` is therefore 0 by default.
+
 Randomness: one numpy Generator per (seed, subject) for the subject's draws and one per
 (seed, subject, electrode) for that electrode's noise, so a build is deterministic for a config
-and does not depend on how channels are processed.
+and does not depend on how channels are processed (the mixed family's shared factors and the
+phrase grouping have one stream per subject each).
 
 The simulation functions here are pure (no file I/O); :func:`build_corpus` reads the speech,
 simulates and calls the writers.
@@ -77,6 +142,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.interpolate
+import scipy.ndimage
 import scipy.signal
 
 from ssip import mel as melmod
@@ -99,7 +165,26 @@ _KERNEL_HALF = 9
 #: Prompt and gap boundaries sit on whole mel frames.
 _HOP = melmod.HOP_LENGTH
 #: Entropy tags that keep the random streams apart (fixed-length seed lists avoid collisions).
-_STREAM_DEAL, _STREAM_SUBJECT, _STREAM_ELECTRODE = 0, 1, 2
+_STREAM_DEAL, _STREAM_SUBJECT, _STREAM_ELECTRODE, _STREAM_SHARED, _STREAM_PHRASE = 0, 1, 2, 3, 4
+#: Simulated brains (module docstring, "Two brains"); the first is the default.
+FAMILIES = ["spectral", "mixed"]
+#: Longest neural lead of each family when ``lead_ms_max`` is None, ms.
+FAMILY_LEAD_MS_MAX = {"spectral": 200.0, "mixed": 300.0}
+#: A phrase trial's utt_id joins its prompts' ids with this.
+PHRASE_JOIN = "+"
+#: Pause between the prompts of a phrase, s (drawn uniformly, rounded to whole frames).
+PHRASE_PAUSE_S = (0.05, 0.15)
+#: Prompts per phrase (inclusive).
+PHRASE_PROMPTS = (2, 4)
+#: family mixed: articulatory-like features, shared slow factors, raw drift RMS (µV), and the
+#: log-amplitude depth of the shared high-gamma state.
+N_ARTICULATORY = 6
+N_SHARED_FACTORS = 3
+DRIFT_UV = 30.0
+SHARED_LOWPASS_HZ = 2.0
+SHARED_HG_DEPTH = 0.4
+#: Electrode kinds of the mixed family ("none" = unresponsive).
+MIXED_KINDS = ["onset", "envelope", "articulatory", "none"]
 
 
 @dataclass
@@ -118,7 +203,8 @@ class CorpusConfig:
     unresponsive_fraction: float = field(0.25, help="share of electrodes not driven by speech")
     bad_fraction: float = field(0.05, help="share of electrodes that are bad (flat or noisy)")
     lead_ms_min: float = field(50.0, help="shortest neural lead over the audio, ms")
-    lead_ms_max: float = field(200.0, help="longest neural lead over the audio, ms")
+    lead_ms_max: float | None = field(None, help="longest neural lead over the audio, ms; None = "
+                                                 "the family's (spectral 200, mixed 300)")
     gap_s_min: float = field(1.0, help="shortest fixation gap before each prompt, s")
     gap_s_max: float = field(1.5, help="longest fixation gap before each prompt, s")
     source: str = field("asterisk", help="speech: asterisk (553 prompts, 24 min, one speaker) "
@@ -144,6 +230,28 @@ class CorpusConfig:
                                               "pyneuromodulation (its 19 s of real ECoG; pip "
                                               "install --no-deps py-neuromodulation==0.1.3) | the "
                                               "path of a BIDS-iEEG recording (.vhdr/.edf/...)")
+    family: str = field("spectral", help="simulated brain: spectral (Gaussian spectral tuning, "
+                                         "independent noise) | mixed (onset, envelope and "
+                                         "articulatory-like electrodes, log-normal gains, leads "
+                                         "to 300 ms, noise shared across electrodes); see the "
+                                         "ssip.data.simulate docstring")
+    phrase_fraction: float = field(0.0, help="chance that a trial is a phrase of 2-4 consecutive "
+                                             "prompts with 50-150 ms pauses (utt_ids joined by "
+                                             "'+'); 0 = one prompt per trial")
+    onset_fraction: float = field(0.3, help="family mixed: share of the responsive electrodes "
+                                            "that respond to speech onsets")
+    shared_noise_fraction: float = field(0.5, help="family mixed: 70-170 Hz power of the shared "
+                                                   "slow high-gamma state over each electrode's "
+                                                   "own background power")
+    gain_log_sd: float = field(0.6, help="family mixed: sd of the electrodes' log gains (natural "
+                                         "log; 0.6 = 5.2 dB of SNR spread)")
+
+    @property
+    def lead_ms_upper(self) -> float:
+        """Longest lead in force, ms: ``lead_ms_max``, else the family's default."""
+        if self.lead_ms_max is not None:
+            return float(self.lead_ms_max)
+        return FAMILY_LEAD_MS_MAX.get(self.family, FAMILY_LEAD_MS_MAX["spectral"])
 
     def __post_init__(self) -> None:
         check_range("n_subjects", self.n_subjects, 1, 1000)
@@ -164,7 +272,8 @@ class CorpusConfig:
                 f"{self.unresponsive_fraction + self.bad_fraction} exceeds 1; lower one of them"
             )
         check_range("lead_ms_min", self.lead_ms_min, 0.0, 1000.0)
-        check_range("lead_ms_max", self.lead_ms_max, self.lead_ms_min, 1000.0)
+        check_option("family", self.family, FAMILIES)
+        check_range("lead_ms_max", self.lead_ms_upper, self.lead_ms_min, 1000.0)
         check_range("gap_s_min", self.gap_s_min, 0.1, 60.0)
         check_range("gap_s_max", self.gap_s_max, self.gap_s_min, 60.0)
         from ssip.data.speech import SPEECH_SOURCES
@@ -182,6 +291,10 @@ class CorpusConfig:
         check_option("bids_audio", self.bids_audio, ["file", "stim_file"])
         check_range("n_tasks", self.n_tasks, 1, 1000)
         check_range("flinker_test_per_task", self.flinker_test_per_task, 0, 100000)
+        check_range("phrase_fraction", self.phrase_fraction, 0.0, 1.0)
+        check_range("onset_fraction", self.onset_fraction, 0.0, 1.0)
+        check_range("shared_noise_fraction", self.shared_noise_fraction, 0.0, 100.0)
+        check_range("gain_log_sd", self.gain_log_sd, 0.0, 3.0)
         if self.background not in ("simulated", "pyneuromodulation") and not Path(self.background).exists():
             raise ConfigError(f"background={self.background!r}: choose simulated, pyneuromodulation "
                               "or the path of an existing BIDS-iEEG recording")
@@ -257,6 +370,60 @@ class EncodingModel:
         return out
 
 
+@dataclass
+class MixedEncodingModel(EncodingModel):
+    """Ground-truth encoding model of one subject of ``family: mixed`` (module docstring, M1-M4).
+
+    The inherited fields keep their shapes with these meanings: ``spectral`` the effective
+    linear weights over mel bins (1/80 for onset and envelope electrodes, ``v_e P`` for
+    articulatory ones, 0 for unresponsive ones; informative only, :meth:`response` does not use
+    it); ``temporal`` the causal kernel ``h_e`` at offsets -9..9 (zero for negative offsets);
+    ``slope`` the exponent ``γ_e``; ``threshold`` ``θ_e``; ``gain`` ``g_e / rms_e`` (µV per unit
+    of ``u_e``, with ``κ``).
+
+    Attributes
+    ----------
+    kind : ndarray, shape (n_electrodes,), str
+        ``onset``, ``envelope``, ``articulatory`` or ``none`` (unresponsive).
+    projection : ndarray, shape (6, 80)
+        ``P``: the subject's articulatory-like features ``z = P m``.
+    weights : ndarray, shape (n_electrodes, 6)
+        ``v_e`` (zero rows except for articulatory electrodes).
+    adapt_tau : ndarray, shape (n_electrodes,)
+        Adaptation time constant ``τa_e`` of onset electrodes, frames (0 for the others).
+    """
+
+    kind: np.ndarray
+    projection: np.ndarray
+    weights: np.ndarray
+    adapt_tau: np.ndarray
+
+    def drive(self, mel: np.ndarray) -> np.ndarray:
+        """``u_e`` before the gain (steps M1-M2), shape (n_frames, n_electrodes), >= 0."""
+        m = np.asarray(mel, dtype=np.float64) - melmod.MEL_FLOOR  # (80, T), 0 in silence
+        loud = m.mean(axis=0)
+        feats = self.projection @ m  # (6, T)
+        out = np.zeros((m.shape[1], self.n_electrodes))
+        for e, kind in enumerate(self.kind):
+            if kind == "none":
+                continue
+            h, theta, gamma = self.temporal[e], self.threshold[e], self.slope[e]
+            if kind == "onset":
+                s = np.convolve(np.maximum(loud - theta, 0.0), h, mode="same")
+                alpha = 1.0 - math.exp(-1.0 / self.adapt_tau[e])
+                adapted = scipy.signal.lfilter([0.0, alpha], [1.0, alpha - 1.0], s)
+                u = np.maximum(s - adapted, 0.0)
+            else:
+                x = loud if kind == "envelope" else self.weights[e] @ feats
+                u = np.maximum(np.convolve(x, h, mode="same") - theta, 0.0)
+            out[:, e] = u**gamma
+        return out
+
+    def response(self, mel: np.ndarray) -> np.ndarray:
+        """Envelope ``r_e = gain_e u_e`` at audio time (M1-M3, before the lead), (T, C), µV."""
+        return self.drive(mel) * self.gain[None, :]
+
+
 def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
@@ -300,6 +467,31 @@ class Trial:
 
 
 @dataclass
+class SharedNoise:
+    """The correlated noise of ``family: mixed`` (module docstring, M5).
+
+    Attributes
+    ----------
+    factors : ndarray, shape (n_frames, 3)
+        The latent slow factors ``f_k`` at the 100 Hz frame times (unit RMS at the raw rate).
+    drift_loadings : ndarray, shape (n_electrodes, 3)
+        ``λ_ek`` of the raw drift (signed).
+    drift_uv : ndarray, shape (n_electrodes,)
+        ``D_e``, µV.
+    hg_loadings : ndarray, shape (n_electrodes, 3)
+        ``w_ek`` of the shared high-gamma state (non-negative, rows sum to 1).
+    hg_scale : ndarray, shape (n_electrodes,)
+        ``S_e``, µV.
+    """
+
+    factors: np.ndarray
+    drift_loadings: np.ndarray
+    drift_uv: np.ndarray
+    hg_loadings: np.ndarray
+    hg_scale: np.ndarray
+
+
+@dataclass
 class SimulatedSubject:
     """Everything simulated for one subject; what the writers put on disk.
 
@@ -315,6 +507,12 @@ class SimulatedSubject:
         Ground-truth ssip mel of the audio track, 100 frames/s.
     envelope : ndarray, shape (n_frames, n_electrodes), float32
         True speech-driven high-gamma amplitude ``a_e`` at neural frame times, µV.
+    model : EncodingModel
+        A :class:`MixedEncodingModel` for ``family == "mixed"``.
+    family : str
+        ``CorpusConfig.family`` of the subject.
+    shared : SharedNoise or None
+        The correlated noise of ``family: mixed`` (None for ``spectral``).
     """
 
     subject: str
@@ -337,6 +535,8 @@ class SimulatedSubject:
     snr_db: float
     trials: list[Trial]
     n_tasks: int
+    family: str = "spectral"
+    shared: SharedNoise | None = None
 
     @property
     def duration_s(self) -> float:
@@ -368,11 +568,38 @@ def deal_utterances(utterances: list[Utterance], n_subjects: int, seed: int) -> 
     return [[ordered[i] for i in order[s::n_subjects]] for s in range(n_subjects)]
 
 
-def _layout(utts: list[Utterance], rng: np.random.Generator, cfg: CorpusConfig):
-    """Prompt start samples (16 kHz, on mel frames) and the total length of the audio track."""
+def group_phrases(utterances: list[Utterance], cfg: CorpusConfig, index: int) -> list[list[Utterance]]:
+    """Group a subject's prompts (in spoken order) into trials: single prompts, and with
+    ``cfg.phrase_fraction > 0`` phrases of 2-4 consecutive prompts (module docstring, Phrases).
+
+    Each trial starts a phrase with chance ``phrase_fraction`` (when 2 or more prompts remain);
+    its own random stream, so the grouping does not move any other draw. Returns the groups in
+    spoken order; with ``phrase_fraction == 0`` every prompt is its own group.
+    """
+    if cfg.phrase_fraction <= 0:
+        return [[u] for u in utterances]
+    rng = np.random.default_rng([cfg.seed, _STREAM_PHRASE, index, 0])
+    groups, i = [], 0
+    while i < len(utterances):
+        k = 1
+        if len(utterances) - i >= 2 and rng.random() < cfg.phrase_fraction:
+            k = min(int(rng.integers(PHRASE_PROMPTS[0], PHRASE_PROMPTS[1] + 1)), len(utterances) - i)
+        groups.append(utterances[i: i + k])
+        i += k
+    return groups
+
+
+def _layout(utts: list[Utterance], rng: np.random.Generator, cfg: CorpusConfig,
+            in_phrase: list[bool] | None = None):
+    """Prompt start samples (16 kHz, on mel frames) and the total length of the audio track.
+
+    ``in_phrase[i]`` True: prompt ``i`` continues a phrase, so the silence before it is a
+    phrase pause (``PHRASE_PAUSE_S``) rather than a fixation gap; one uniform draw either way.
+    """
     starts, pos = [], 0
-    for u in utts:
-        pos += _HOP * int(round(rng.uniform(cfg.gap_s_min, cfg.gap_s_max) * melmod.FRAME_RATE))
+    for i, u in enumerate(utts):
+        lo, hi = PHRASE_PAUSE_S if in_phrase and in_phrase[i] else (cfg.gap_s_min, cfg.gap_s_max)
+        pos += _HOP * int(round(rng.uniform(lo, hi) * melmod.FRAME_RATE))
         starts.append(pos)
         pos += _HOP * math.ceil(len(u.audio) / _HOP)
     pos += _HOP * int(round(rng.uniform(cfg.gap_s_min, cfg.gap_s_max) * melmod.FRAME_RATE))
@@ -394,13 +621,99 @@ def _draw_model(n: int, unresponsive: np.ndarray, rng: np.random.Generator,
     k = np.arange(-_KERNEL_HALF, _KERNEL_HALF + 1)
     temporal = np.exp(-0.5 * (k[None, :] / sigma_t[:, None]) ** 2)
     temporal /= temporal.sum(axis=1, keepdims=True)
-    lead_s = rng.uniform(cfg.lead_ms_min, cfg.lead_ms_max, n) / 1000.0
+    lead_s = rng.uniform(cfg.lead_ms_min, cfg.lead_ms_upper, n) / 1000.0
     slope = rng.uniform(3.0, 8.0, n)
     threshold = rng.uniform(0.3, 0.9, n)
     gain = np.exp(rng.normal(0.0, 0.35, n))
     spectral[unresponsive] = 0.0
     gain[unresponsive] = 0.0
     return EncodingModel(spectral, temporal, lead_s, slope, threshold, gain)
+
+
+def _causal_kernels(tau: np.ndarray) -> np.ndarray:
+    """``h(k) ∝ exp(-k / τ)`` for ``k = 0..9`` at offsets -9..9 (zero before 0), rows sum 1."""
+    k = np.arange(_KERNEL_HALF + 1)
+    out = np.zeros((len(tau), 2 * _KERNEL_HALF + 1))
+    out[:, _KERNEL_HALF:] = np.exp(-k[None, :] / tau[:, None])
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _draw_mixed_model(n: int, unresponsive: np.ndarray, rng: np.random.Generator,
+                      cfg: CorpusConfig, mel: np.ndarray, speech: np.ndarray) -> MixedEncodingModel:
+    """Random ``family: mixed`` model (module docstring, M1-M4), gain before ``κ``.
+
+    ``mel`` (80, T) is the subject's timeline and ``speech`` (T,) its spoken frames, on which the
+    relative thresholds and the unit-RMS normalisation of M3 are computed.
+    """
+    resp = np.flatnonzero(~unresponsive)
+    order = resp[rng.permutation(len(resp))]
+    n_onset = int(round(cfg.onset_fraction * len(resp)))
+    n_env = int(round((len(resp) - n_onset) / 3))
+    kind = np.full(n, "none", dtype="U12")
+    kind[order[:n_onset]] = "onset"
+    kind[order[n_onset: n_onset + n_env]] = "envelope"
+    kind[order[n_onset + n_env:]] = "articulatory"
+    onset, env, art = kind == "onset", kind == "envelope", kind == "articulatory"
+
+    proj = scipy.ndimage.gaussian_filter1d(rng.standard_normal((N_ARTICULATORY, melmod.N_MELS)),
+                                           6.0, axis=1)
+    proj -= proj.mean(axis=1, keepdims=True)
+    proj /= np.linalg.norm(proj, axis=1, keepdims=True)
+    weights = rng.normal(0.0, math.sqrt(1.0 / N_ARTICULATORY), (n, N_ARTICULATORY))
+    tau = np.where(onset, rng.uniform(0.5, 1.5, n), rng.uniform(1.0, 4.0, n))
+    q = np.where(onset, rng.uniform(0.35, 0.6, n),
+                 np.where(env, rng.uniform(0.25, 0.6, n), rng.uniform(0.0, 0.5, n)))
+    gamma = np.where(env, rng.uniform(0.5, 1.0, n), np.where(art, rng.uniform(1.0, 2.0, n), 1.0))
+    adapt_tau = np.where(onset, rng.uniform(10.0, 30.0, n), 0.0)
+    lead_s = rng.uniform(cfg.lead_ms_min, cfg.lead_ms_upper, n) / 1000.0
+    log_gain = rng.normal(0.0, cfg.gain_log_sd, n)
+
+    temporal = _causal_kernels(tau)
+    weights[~art] = 0.0
+    spectral = np.zeros((n, melmod.N_MELS))
+    spectral[onset | env] = 1.0 / melmod.N_MELS
+    spectral[art] = weights[art] @ proj
+    gamma[unresponsive] = 0.0
+    # Thresholds relative to the subject's speech: loudness percentile, drive RMS (M2).
+    m = np.asarray(mel, dtype=np.float64) - melmod.MEL_FLOOR
+    loud95 = float(np.percentile(m.mean(axis=0)[speech], 95)) if speech.any() else 1.0
+    threshold = q * loud95
+    feats = proj @ m
+    for e in np.flatnonzero(art):
+        y = np.convolve(weights[e] @ feats, temporal[e], mode="same")[speech]
+        threshold[e] = q[e] * math.sqrt(float(np.mean(y**2))) if y.size else 0.0
+    threshold[unresponsive] = 0.0
+    model = MixedEncodingModel(spectral, temporal, lead_s, gamma, threshold, np.ones(n),
+                               kind=kind, projection=proj, weights=weights, adapt_tau=adapt_tau)
+    drive = model.drive(mel)[speech]
+    rms = np.sqrt(np.mean(drive**2, axis=0)) if drive.size else np.zeros(n)
+    model.gain = np.where(rms > 0, np.exp(log_gain) / np.where(rms > 0, rms, 1.0), 0.0)
+    return model
+
+
+def _shared_noise(rng: np.random.Generator, n_raw: int, n_frames: int, n_el: int,
+                  sfreq: float, bg_rms: np.ndarray, fraction: float) -> tuple[SharedNoise, np.ndarray]:
+    """The shared slow factors and loadings of M5; also the raw-rate factors (n_raw, 3)."""
+    from neurodsp.sim.utils import rotate_timeseries
+
+    k = N_SHARED_FACTORS
+    sos = np.concatenate([
+        scipy.signal.butter(2, BACKGROUND_HIGHPASS_HZ, "highpass", fs=sfreq, output="sos"),
+        scipy.signal.butter(2, SHARED_LOWPASS_HZ, "lowpass", fs=sfreq, output="sos")])
+    factors = np.empty((n_raw, k))
+    for j in range(k):
+        f = scipy.signal.sosfiltfilt(sos, rotate_timeseries(rng.standard_normal(n_raw), sfreq, 2.0))
+        factors[:, j] = f / math.sqrt(float(np.mean(f**2)))
+    drift_loadings = rng.normal(0.0, math.sqrt(1.0 / k), (n_el, k))
+    drift_uv = DRIFT_UV * np.exp(rng.normal(0.0, 0.3, n_el))
+    hg_loadings = rng.dirichlet(np.ones(k), n_el)
+    state = np.exp(SHARED_HG_DEPTH * factors)  # (n_raw, 3), > 0; electrode e's is state @ w_e
+    mean_sq = np.array([np.mean((state @ w) ** 2) for w in hg_loadings])  # no (n_raw, C) array
+    hg_scale = math.sqrt(fraction) * bg_rms / np.sqrt(mean_sq)
+    at_frames = np.minimum(np.rint(np.arange(n_frames) / melmod.FRAME_RATE * sfreq).astype(int),
+                           n_raw - 1)
+    return SharedNoise(factors[at_frames].astype(np.float32), drift_loadings, drift_uv,
+                       hg_loadings, hg_scale), factors
 
 
 def _band_power(x: np.ndarray, sfreq: float, band: tuple[float, float]) -> float:
@@ -519,16 +832,20 @@ def simulate_subject(
     SimulatedSubject
     """
     subject = f"sim{index + 1:02d}"
-    if len(utterances) < cfg.n_tasks:
+    groups = group_phrases(utterances, cfg, index)
+    if len(groups) < cfg.n_tasks:
+        grouped = f" in {len(groups)} trial(s) (phrases)" if len(groups) < len(utterances) else ""
         raise ConfigError(
-            f"subject {subject} has {len(utterances)} prompt(s), fewer than n_tasks={cfg.n_tasks}; "
-            "lower n_tasks or n_subjects, or raise max_utterances"
+            f"subject {subject} has {len(utterances)} prompt(s){grouped}, fewer than "
+            f"n_tasks={cfg.n_tasks}; lower n_tasks, n_subjects or phrase_fraction, or raise "
+            "max_utterances"
         )
     rng = np.random.default_rng([cfg.seed, _STREAM_SUBJECT, index, 0])
     n_el = int(rng.integers(cfg.electrodes_min, cfg.electrodes_max + 1))
 
-    # Timeline: audio track and its mel (MEL_FLOOR in the gaps).
-    starts, n_audio = _layout(utterances, rng, cfg)
+    # Timeline: audio track and its mel (MEL_FLOOR in the gaps and pauses).
+    in_phrase = [j > 0 for g in groups for j in range(len(g))]
+    starts, n_audio = _layout(utterances, rng, cfg, in_phrase)
     n_frames = n_audio // _HOP
     audio = np.zeros(n_audio, dtype=np.float32)
     mel = np.full((melmod.N_MELS, n_frames), melmod.MEL_FLOOR, dtype=np.float32)
@@ -538,12 +855,19 @@ def simulate_subject(
         m = mels[u.utt_id] if mels is not None else prompt_mel(u)
         mel[:, s // _HOP : s // _HOP + m.shape[1]] = m
     task_of = np.repeat(np.arange(1, cfg.n_tasks + 1),
-                        [len(b) for b in np.array_split(np.arange(len(utterances)), cfg.n_tasks)])
-    trials = [
-        Trial(u.utt_id, u.transcript, s / melmod.SAMPLE_RATE, len(u.audio) / melmod.SAMPLE_RATE,
-              int(t), u.speaker)
-        for u, s, t in zip(utterances, starts, task_of)
-    ]
+                        [len(b) for b in np.array_split(np.arange(len(groups)), cfg.n_tasks)])
+    trials, first = [], 0
+    for g, t in zip(groups, task_of):
+        s0, s1 = starts[first], starts[first + len(g) - 1] + len(g[-1].audio)
+        trials.append(Trial(
+            PHRASE_JOIN.join(u.utt_id for u in g), " ".join(u.transcript for u in g),
+            s0 / melmod.SAMPLE_RATE, (s1 - s0) / melmod.SAMPLE_RATE, int(t),
+            PHRASE_JOIN.join(dict.fromkeys(u.speaker for u in g))))
+        first += len(g)
+    frame_t = np.arange(n_frames) / melmod.FRAME_RATE
+    in_words = np.zeros(n_frames, dtype=bool)
+    for tr in trials:
+        in_words |= (frame_t >= tr.onset_s) & (frame_t < tr.onset_s + tr.duration_s)
 
     # Electrodes: which are bad, which unresponsive (disjoint), and the encoding model.
     perm = rng.permutation(n_el)
@@ -556,7 +880,11 @@ def simulate_subject(
     bad_kind = [""] * n_el
     for e in perm[:n_bad]:
         bad_kind[e] = str(rng.choice(["flat", "noisy"]))
-    model = _draw_model(n_el, unresponsive, rng, cfg)
+    mixed = cfg.family == "mixed"
+    if mixed:
+        model: EncodingModel = _draw_mixed_model(n_el, unresponsive, rng, cfg, mel, in_words)
+    else:
+        model = _draw_model(n_el, unresponsive, rng, cfg)
     exponent = rng.uniform(1.5, 2.5, n_el)
     bg_rms = BACKGROUND_BAND_RMS_UV * np.exp(rng.normal(0.0, 0.2, n_el))
     line_amp = rng.uniform(2.0, 10.0, n_el)
@@ -564,13 +892,11 @@ def simulate_subject(
 
     # SNR scale kappa (step 8) from the envelope at frame times during the spoken prompts.
     env = model.envelope(mel)  # (T, C) before kappa
-    frame_t = np.arange(n_frames) / melmod.FRAME_RATE
-    in_words = np.zeros(n_frames, dtype=bool)
-    for tr in trials:
-        in_words |= (frame_t >= tr.onset_s) & (frame_t < tr.onset_s + tr.duration_s)
     counted = ~bad & ~unresponsive
     speech_power = float(np.sum(np.mean(env[in_words][:, counted] ** 2, axis=0)))
     bg_power = float(np.sum(bg_rms[counted] ** 2))
+    if mixed:  # the shared high-gamma state is background too (M5)
+        bg_power *= 1.0 + cfg.shared_noise_fraction
     if counted.any() and speech_power > 0:
         scale = math.sqrt(10 ** (cfg.snr_db / 10) * bg_power / speech_power)
     else:
@@ -588,6 +914,12 @@ def simulate_subject(
         np.sin(2 * np.pi * h * line_freq * t_raw + line_phase[h - 1]) / h**2
         for h in (1, 2, 3) if h * line_freq < cfg.sfreq / 2
     )
+    shared = None
+    if mixed:
+        srng = np.random.default_rng([cfg.seed, _STREAM_SHARED, index, 0])
+        shared, factors = _shared_noise(srng, n_raw, n_frames, n_el, cfg.sfreq, bg_rms,
+                                        cfg.shared_noise_fraction)
+        state = np.exp(SHARED_HG_DEPTH * factors)  # (n_raw, 3)
     resp = model.response(mel)  # (T, C), with kappa
     raw = np.empty((n_raw, n_el), dtype=np.float32)
     for e in range(n_el):
@@ -605,6 +937,10 @@ def simulate_subject(
         if model.gain[e] > 0:
             a = shifted_envelope(resp[:, e], t_raw, model.lead_s[e])
             x += a * _carrier(erng, n_raw, cfg.sfreq)
+        if shared is not None:  # M5: raw drift and the shared high-gamma state
+            x += shared.drift_uv[e] * (factors @ shared.drift_loadings[e])
+            x += shared.hg_scale[e] * (state @ shared.hg_loadings[e]) * _carrier(erng, n_raw,
+                                                                                 cfg.sfreq)
         raw[:, e] = x
 
     return SimulatedSubject(
@@ -613,7 +949,7 @@ def simulate_subject(
         channel_names=[f"E{e + 1:03d}" for e in range(n_el)], unresponsive=unresponsive,
         bad=bad, bad_kind=bad_kind, background_band_rms=bg_rms, aperiodic_exponent=exponent,
         line_amplitude=line_amp, scale=scale, snr_db=cfg.snr_db, trials=trials,
-        n_tasks=cfg.n_tasks,
+        n_tasks=cfg.n_tasks, family=cfg.family, shared=shared,
     )
 
 
@@ -626,6 +962,45 @@ def extra_voice_utterances(voice: str, n: int, seed: int, k: int = 0) -> list[Ut
     chosen = [ids[i] for i in rng.permutation(len(ids))[: min(n, len(ids))]]
     by_id = {u.utt_id: u for u in read_voice(voice, only=chosen)}
     return [by_id[i] for i in chosen]
+
+
+def write_mixed_ground_truth(sim: SimulatedSubject, folder: str | Path) -> list[Path]:
+    """``sub-<label>_mixed.npz``: what ``family: mixed`` knows beyond the common ground truth.
+
+    Keys (C electrodes, T frames): ``kind`` (C,) str, ``projection`` (6, 80), ``weights``
+    (C, 6), ``adapt_tau`` (C,) frames, ``factors`` (T, 3), ``drift_loadings`` (C, 3),
+    ``drift_uv`` (C,), ``hg_loadings`` (C, 3), ``hg_scale`` (C,). Nothing for other families.
+    """
+    m = sim.model
+    if not isinstance(m, MixedEncodingModel) or sim.shared is None:
+        return []
+    path = Path(folder) / f"sub-{sim.subject}_mixed.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path, kind=np.asarray(m.kind, dtype="U12"), projection=m.projection, weights=m.weights,
+        adapt_tau=m.adapt_tau, factors=sim.shared.factors,
+        drift_loadings=sim.shared.drift_loadings, drift_uv=sim.shared.drift_uv,
+        hg_loadings=sim.shared.hg_loadings, hg_scale=sim.shared.hg_scale)
+    return [path]
+
+
+def read_mixed_ground_truth(path: str | Path) -> tuple[MixedEncodingModel, dict]:
+    """The mixed model of a subject from its ground truth ``sub-<label>.npz`` (beside which
+    ``sub-<label>_mixed.npz`` lies): (MixedEncodingModel, dict of every array of both files)."""
+    from ssip.data.formats import read_ground_truth
+
+    path = Path(path)
+    base, arrays = read_ground_truth(path)
+    extra_path = path.with_name(f"{path.stem}_mixed.npz")
+    if not extra_path.exists():
+        raise FileNotFoundError(f"{extra_path} not found: {path} is not of family mixed")
+    with np.load(extra_path, allow_pickle=False) as z:
+        extra = {k: z[k] for k in z.files}
+    model = MixedEncodingModel(base.spectral, base.temporal, base.lead_s, base.slope,
+                               base.threshold, base.gain, kind=extra["kind"],
+                               projection=extra["projection"], weights=extra["weights"],
+                               adapt_tau=extra["adapt_tau"])
+    return model, {**arrays, **extra}
 
 
 def prompt_mel(u: Utterance) -> np.ndarray:
@@ -684,6 +1059,7 @@ def build_corpus(
     for index in tqdm(range(n_total), desc="corpus subjects", disable=not progress):
         sim = simulate_subject(dealt[index], cfg, index, mels, background)
         files = formats.write_ground_truth(sim, out / "ground_truth")
+        files += write_mixed_ground_truth(sim, out / "ground_truth")
         if "nwb" in cfg.formats:
             files += formats.write_bids_subject(sim, out / "bids")
         if "brainvision" in cfg.formats:
@@ -699,6 +1075,10 @@ def build_corpus(
             "n_bad": int(sim.bad.sum()),
             "n_unresponsive": int(sim.unresponsive.sum()),
             "n_trials": len(sim.trials),
+            **({"n_phrases": sum(PHRASE_JOIN in t.utt_id for t in sim.trials)}
+               if cfg.phrase_fraction > 0 else {}),
+            **({"electrode_kinds": {k: int(np.sum(sim.model.kind == k)) for k in MIXED_KINDS}}
+               if isinstance(sim.model, MixedEncodingModel) else {}),
             "voice": sorted({u.speaker for u in dealt[index]}),
             "language": sorted({u.language for u in dealt[index]}),
             "duration_s": round(sim.duration_s, 3),
@@ -724,7 +1104,8 @@ def build_corpus(
         "mel_version": melmod.MEL_VERSION,
         "units": {"raw": "uV", "envelope": "uV", "audio": "full scale, loudness-normalised"},
         "start_clock_s": START_CLOCK_S,
-        "encoding_model": "see ssip.data.simulate module docstring",
+        "encoding_model": "see ssip.data.simulate module docstring" + (
+            "" if cfg.family == "spectral" else f" (family {cfg.family})"),
         "background": {"kind": cfg.background} if background is None else {
             "kind": cfg.background, "recording": background.source,
             "channels": background.channels, "sfreq": background.sfreq,
