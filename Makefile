@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 
 lint: setup
 	$(BIN)/ruff check ssip tests bench jobs
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 pytest: setup
 	$(BIN)/pytest $(PYTEST_ARGS)

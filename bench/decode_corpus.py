@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def keyed(table) -> dict:
         cols = [table.column(c).to_pylist() for c in ("subject", "trial_id", "method", "draw")]
-        from ssip.data.dataset import _tensor_values
+        from ssip.data.schema import tensor_values
 
         mels = (np.ascontiguousarray(m, np.float32).tobytes()
-                for m in _tensor_values(table.column("mel")))
+                for m in tensor_values(table.column("mel")))
         return dict(zip(zip(*cols, strict=True), mels, strict=True))
 
     reference = keyed(read_parquet(ref))

@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from quality import margins, table
 
     from ssip.cli import main as ssip_main
+    from ssip.commands.pipeline import run
     from ssip.config import resolve
     from ssip.data.speech import DEBIAN_VOICES
     from ssip.evaluate.prior_quality import evaluate_prior
-    from ssip.pipeline import PipelineConfig, run
+    from ssip.pipeline import PipelineConfig
 
     root = Path(args.root)
     corpus = Path(args.corpus) if args.corpus else root / "corpus"

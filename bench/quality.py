@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only print the table of ROOT")
     args = p.parse_args(argv)
     if not args.report_only:
+        from ssip.commands.pipeline import run
         from ssip.config import resolve
-        from ssip.pipeline import PipelineConfig, run
+        from ssip.pipeline import PipelineConfig
 
         run(resolve(PipelineConfig, args.config, args.overrides), args.root)
     rows = read_summary(args.root)

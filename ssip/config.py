@@ -14,11 +14,14 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -65,7 +68,7 @@ def config_hash(cfg: Any, length: int = 10) -> str:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -188,7 +191,7 @@ def _merge(base: dict[str, Any], new: dict[str, Any], cls: type | None = None) -
     out = dict(base)
     for k, v in new.items():
         tp = hints.get(k)
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and tp is not None \
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and isinstance(tp, type) \
                 and dataclasses.is_dataclass(tp):
             out[k] = _merge(out[k], v, tp)
         else:

@@ -3,7 +3,9 @@
 :class:`PipelineConfig` nests the config of every stage. :func:`plan` turns it into the exact
 ``ssip`` command lines a user could run one by one (each stage's config is written to
 ``ROOT/configs/<stage>.yaml`` and passed with ``--config``), and :func:`run` executes them in
-order through :func:`ssip.cli.main`, so the pipeline and the single commands share one code path.
+order through the command line's ``main`` (:func:`ssip.commands.main`, which ``ssip pipeline``
+passes in: :func:`ssip.commands.pipeline.run`), so the pipeline and the single commands share one
+code path.
 
 A stage is skipped when its output exists AND ``ROOT/pipeline.json`` records that it finished
 with the same config hash and the same upstream outputs; change a config (or force a stage) and
@@ -220,21 +222,19 @@ def _load_state(root: str) -> dict:
     return storage.read_json(path) if storage.exists(path) else {}
 
 
-def run(cfg: PipelineConfig, root: str, *, force: Sequence[str] = (),
-        main: Callable[[list[str]], int] | None = None, echo=print) -> dict:
+def run(cfg: PipelineConfig, root: str, *, main: Callable[[list[str]], int],
+        force: Sequence[str] = (), echo=print) -> dict:
     """Run (or resume) the pipeline under ``root``; returns the finished-state dict.
 
     Parameters
     ----------
     force : sequence of str
         Stages (of :data:`STAGES`) to re-run even when finished; later stages follow.
-    main : callable, optional
-        Runs one command's argv (default :func:`ssip.cli.main`).
+    main : callable
+        Runs one command's argv and returns its exit status (:func:`ssip.commands.main`).
     """
     for s in force:
         check_option("force[]", s, STAGES)
-    if main is None:
-        from ssip.cli import main
     state = _load_state(root)
     ran: set[str] = set()  # steps run in this call: what reads their outputs runs again
     start = time.perf_counter()

@@ -383,7 +383,7 @@ def test_bids_ingest_on_ray_quarantines_and_continues(bad_dataset, tmp_path, ray
     the trial outside the recording and the missing stim file their trial-level rows, and the
     good trials land; the exit status is 3 (some files failed, others landed)."""
     from ssip.cli import main
-    from ssip.distributed.ingest import quarantine_files, trial_files
+    from ssip.data.dataset import quarantine_files, trial_files
 
     out = tmp_path / "out"
     assert main(["ingest", "--bids", str(bad_dataset), str(out), "--subject", "01",
@@ -419,7 +419,7 @@ def test_auto_format_and_job_entry_find_a_bids_dataset(corpus, tmp_path):
     import subprocess
     import sys
 
-    from ssip.data.readers import discover
+    from ssip.data.ingest import discover
 
     shutil.copytree(corpus / "bids-brainvision", tmp_path / "lab" / "bids-brainvision")
     assert discover(tmp_path / "lab") == [(_bv(corpus).replace(str(corpus), str(tmp_path / "lab")), "bids")]

@@ -83,9 +83,9 @@ def _rows(uri: str) -> dict[tuple, bytes]:
     from ssip import storage
 
     table = storage.read_parquet(uri)
-    from ssip.data.dataset import _tensor_values
+    from ssip.data.schema import tensor_values
 
-    mels = _tensor_values(table.column("mel"))
+    mels = tensor_values(table.column("mel"))
     out: dict[tuple, bytes] = {}
     for s, t, m, d, mel in zip(*(table.column(c).to_pylist() for c in
                                  ("subject", "trial_id", "method", "draw")), mels, strict=True):

@@ -9,8 +9,9 @@ import pytest
 import soundfile as sf
 
 from ssip import storage
+from ssip.data.schema import decoded_table
 from ssip.evaluate import metrics as M
-from ssip.evaluate.report import EvaluateConfig, decoded_table, evaluate, read_decoded, summarize
+from ssip.evaluate.report import EvaluateConfig, evaluate, read_decoded, summarize
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_each_draw_is_vocoded_and_heard_on_its_own(ingest_root, tmp_path):
     assert len(audio) == 3
     assert len({row["asr"] for row in rows}) == 3
     dec = tmp_path / "d.parquet"
-    from ssip.commands.decode import decoded_rows_table
+    from ssip.data.schema import decoded_rows_table
 
     storage.write_parquet(str(dec), decoded_rows_table(rows_in))
     evaluate(str(dec), str(ingest_root), str(tmp_path / "rep"), EvaluateConfig(asr_model="none"))

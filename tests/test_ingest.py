@@ -204,7 +204,7 @@ def test_unreadable_and_missing_fields(corpus, tmp_path):
 
 
 def _read_trials(root: str) -> list[dict]:
-    from ssip.distributed.ingest import trial_files
+    from ssip.data.dataset import trial_files
 
     rows = []
     for uri in trial_files(root):
@@ -216,7 +216,8 @@ def _read_trials(root: str) -> list[dict]:
 
 @pytest.mark.ray
 def test_ray_ingest_with_a_bad_file_and_rerun(corpus, tmp_path, ray_cluster):
-    from ssip.distributed.ingest import quarantine_files, run_ingest
+    from ssip.data.dataset import quarantine_files
+    from ssip.distributed.ingest import run_ingest
 
     src = tmp_path / "src"
     shutil.copytree(corpus / "bids", src)
@@ -239,7 +240,7 @@ def test_ray_ingest_with_a_bad_file_and_rerun(corpus, tmp_path, ray_cluster):
     # Ray Data reads the shards back as ndarrays.
     import ray.data
 
-    from ssip.distributed.ingest import trial_files
+    from ssip.data.dataset import trial_files
 
     batch = ray.data.read_parquet(trial_files(str(out), split="train")).take_batch(2)
     assert batch["neural"][0].ndim == 2 and batch["mel"][0].shape[0] == 80

@@ -216,7 +216,8 @@ def test_verwoert_nwb_bad_timestamps_and_no_trials_are_named(tmp_path):
 def test_verwoert_nwb_events_tsv_word_column_is_configurable(tmp_path):
     """With an events.tsv that has the columns, it gives the trials; the word column's name is a
     config field on the default NWB path (IngestConfig.nwb.transcript_column)."""
-    from ssip.data.readers import NwbConfig, read_recording
+    from ssip.data.ingest import read_recording
+    from ssip.data.readers import NwbConfig
 
     path, words = _verwoert_like(tmp_path, duration_s=8.0)
     with open(tmp_path / "sub-01_task-wordProduction_events.tsv", "w") as fh:

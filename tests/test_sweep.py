@@ -127,9 +127,9 @@ def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cl
         assert main([*common, *extra, "--out", path]) == 0
         import pyarrow.parquet as pq
 
-        from ssip.data.dataset import _tensor_values
+        from ssip.data.schema import tensor_values
 
-        out[tag] = [np.asarray(x).tobytes() for x in _tensor_values(
+        out[tag] = [np.asarray(x).tobytes() for x in tensor_values(
             pq.read_table(path, columns=["mel"]).column("mel"))]
     assert out["preset"] == out["won"] == out["preset-ray"]
     assert out["preset"] != out["default"]

@@ -1,4 +1,4 @@
-"""Argument helpers shared by the commands: --config/--set/--dry-run and Ray connection."""
+"""Argument helpers shared by the commands: --config/--set/--dry-run, Ray connection, --preset."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def resolve_and_print(cls, args):
     print(f"# {cls.__name__} (hash {config_hash(cfg)})")
     print(to_yaml(cfg), end="")
     return None if args.dry_run else cfg
+
+
+def preset_overrides(args) -> dict[str, dict]:
+    """Per-subject DecodeConfig overrides of --preset (empty without one); printed."""
+    if not args.preset:
+        return {}
+    from ssip.presets import load_preset, presets_root
+
+    if not args.likelihood_root and not args.presets:
+        raise ValueError("--preset needs --presets DIR or --likelihood-root (presets live in "
+                         "LIKELIHOOD_ROOT/presets by default)")
+    per_subject = load_preset(presets_root(args.likelihood_root, args.presets), args.preset,
+                              prior=args.prior, likelihood_root=args.likelihood_root)
+    for subject, o in sorted(per_subject.items()):
+        print(f"# preset {args.preset}, {subject}: "
+              f"{ {k: v for k, v in o.items() if v is not None} }")
+    return per_subject

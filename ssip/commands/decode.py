@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from ssip.commands._common import add_config_args, add_ray_args, resolve_and_print
+from ssip.commands._common import (
+    add_config_args,
+    add_ray_args,
+    preset_overrides,
+    resolve_and_print,
+)
 
 
 def register(sub) -> None:
@@ -51,23 +56,12 @@ def register(sub) -> None:
     p.set_defaults(func=_decode)
 
 
-def decoded_rows_table(rows: list[dict]):
-    """The decoded table of :func:`ssip.evaluate.report.decoded_table` plus an int32 ``draw``
-    and a float ``spread`` (posterior std of the mean rows, null elsewhere)."""
-    import pyarrow as pa
-
-    from ssip.evaluate.report import decoded_table
-
-    return decoded_table(rows).append_column(
-        "draw", pa.array([int(r.get("draw", -1)) for r in rows], pa.int32())).append_column(
-        "spread", pa.array([r.get("spread") for r in rows], pa.float32()))
-
-
 def _decode(args) -> int:
     from collections import defaultdict
 
     from ssip import storage
     from ssip.data.dataset import load_trials
+    from ssip.data.schema import decoded_rows_table
     from ssip.decode import BASELINE_METHODS, DecodeConfig, decode_trials
     from ssip.models.baselines import load_baseline
     from ssip.models.likelihood import load_likelihood
@@ -99,7 +93,7 @@ def _decode(args) -> int:
                          f"methods=[dps,prior,dps-shuffled])")
     if args.max_trials < 0:
         raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
-    per_subject = _preset(args)
+    per_subject = preset_overrides(args)
     if bulk is not None:
         return _decode_on_ray(args, cfg, bulk, per_subject)
     columns = ["schema_version", "subject", "trial_id", "split", "neural"]
@@ -139,23 +133,6 @@ def _report(args) -> None:
 
         evaluate(args.out, args.ingest, args.report, EvaluateConfig())
         print(f"report: {args.report}/report.md")
-
-
-def _preset(args) -> dict[str, dict]:
-    """Per-subject DecodeConfig overrides of --preset (empty without one)."""
-    if not args.preset:
-        return {}
-    from ssip.distributed.sweep import load_preset, presets_root
-
-    if not args.likelihood_root and not args.presets:
-        raise ValueError("--preset needs --presets DIR or --likelihood-root (presets live in "
-                         "LIKELIHOOD_ROOT/presets by default)")
-    per_subject = load_preset(presets_root(args.likelihood_root, args.presets), args.preset,
-                              prior=args.prior, likelihood_root=args.likelihood_root)
-    for subject, o in sorted(per_subject.items()):
-        print(f"# preset {args.preset}, {subject}: "
-              f"{ {k: v for k, v in o.items() if v is not None} }")
-    return per_subject
 
 
 def subject_config(cfg, per_subject: dict[str, dict], subject: str):

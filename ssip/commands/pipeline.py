@@ -7,6 +7,9 @@ are skipped on a re-run unless their config or an upstream output changed, or ``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+from ssip.commands import main as ssip_main
 from ssip.commands._common import add_config_args, resolve_and_print
 
 
@@ -21,8 +24,16 @@ def register(sub) -> None:
     p.set_defaults(func=_pipeline)
 
 
+def run(cfg, root: str, *, force: Sequence[str] = (),
+        main: Callable[[list[str]], int] | None = None, echo=print) -> dict:
+    """:func:`ssip.pipeline.run` with each stage run by the ``ssip`` command line (or ``main``)."""
+    from ssip.pipeline import run as run_pipeline
+
+    return run_pipeline(cfg, root, main=main or ssip_main, force=force, echo=echo)
+
+
 def _pipeline(args) -> int:
-    from ssip.pipeline import PipelineConfig, run
+    from ssip.pipeline import PipelineConfig
 
     cfg = resolve_and_print(PipelineConfig, args)
     if cfg is None:

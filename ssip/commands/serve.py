@@ -11,7 +11,12 @@ nodes that run the replicas to require it.
 
 from __future__ import annotations
 
-from ssip.commands._common import add_config_args, add_ray_args, resolve_and_print
+from ssip.commands._common import (
+    add_config_args,
+    add_ray_args,
+    preset_overrides,
+    resolve_and_print,
+)
 
 
 def register(sub) -> None:
@@ -37,7 +42,7 @@ def _serve(args) -> int:
 
     from ssip.config import config_hash, resolve, to_yaml
     from ssip.decode import DecodeConfig
-    from ssip.distributed.serve import ServeConfig, build_app, served_subjects, start
+    from ssip.distributed.serve import ServeConfig, build_app, served_subjects, start, stop
 
     serve_cfg = resolve(ServeConfig, args.serve_config, args.serve_set)
     print(f"# ServeConfig (hash {config_hash(serve_cfg)})")
@@ -46,11 +51,7 @@ def _serve(args) -> int:
     if cfg is None:
         return 0
     subjects = served_subjects(args.likelihood_root)
-    overrides = {}
-    if args.preset:
-        from ssip.commands.decode import _preset
-
-        overrides = _preset(args)
+    overrides = preset_overrides(args)
     app = build_app(prior=args.prior, likelihood_root=args.likelihood_root, decode=cfg,
                     serve=serve_cfg, subject_overrides=overrides)
     url = start(app, serve_cfg, address=args.address, num_cpus=args.num_cpus)
@@ -60,8 +61,6 @@ def _serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.delete(serve_cfg.app_name)
+        stop(serve_cfg)
         print("stopped")
     return 0

@@ -49,7 +49,8 @@ def _ingest(args) -> int:
 
 
 def _default(args) -> int:
-    from ssip.data.default_speech import DefaultSpeechConfig, run_default_speech
+    from ssip.data.default_speech import DefaultSpeechConfig
+    from ssip.distributed.speech_ingest import run_default_speech
 
     cfg = resolve_and_print(DefaultSpeechConfig, args)
     if cfg is None:

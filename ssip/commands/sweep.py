@@ -35,7 +35,8 @@ def register(sub) -> None:
 def _sweep(args) -> int:
     from ssip.config import config_hash, resolve, to_yaml
     from ssip.decode import DecodeConfig
-    from ssip.distributed.sweep import SweepConfig, presets_root, run_sweep
+    from ssip.distributed.sweep import SweepConfig, run_sweep
+    from ssip.presets import presets_root
 
     base = resolve(DecodeConfig, args.decode_config, args.decode_overrides)
     print(f"# DecodeConfig, base (hash {config_hash(base)})")

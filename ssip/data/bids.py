@@ -41,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ssip import mel as melmod
 from ssip.config import ConfigError, check_option, field
-from ssip.data.readers import Recording, RecordingError, TrialSpec, read_tsv
+from ssip.data.readers import Recording, RecordingError, TrialSpec, read_nwb, read_tsv
+from ssip.data.speech_corpus import AudioDecodeError, decode_audio, resample_to_16k
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +391,6 @@ def _stim_audio(root: Path, trials: list[TrialSpec], rows: list[dict], n_out: in
     A trial whose file is missing or unreadable is marked (quarantined by ingest), the others
     keep their audio.
     """
-    from ssip import mel as melmod
-    from ssip.data.speech_corpus import AudioDecodeError, decode_audio, resample_to_16k
-
     track = np.zeros(n_out, dtype=np.float32)
     for tr, ev in zip(trials, rows, strict=True):
         if tr.problem:
@@ -418,9 +417,6 @@ def _stim_audio(root: Path, trials: list[TrialSpec], rows: list[dict], n_out: in
 
 def read_bids(path: str | Path, cfg: BidsConfig | None = None) -> Recording:
     """Read one BIDS-iEEG recording with its audio and trials (module docstring)."""
-    from ssip import mel as melmod
-    from ssip.data.readers import read_nwb
-
     cfg = cfg or BidsConfig()
     path = Path(path)
     if path.suffix == ".nwb":
@@ -470,8 +466,6 @@ def read_bids(path: str | Path, cfg: BidsConfig | None = None) -> Recording:
                             int(round(duration * melmod.SAMPLE_RATE)), cfg)
         audio_rate = float(melmod.SAMPLE_RATE)
     else:
-        from ssip.data.speech_corpus import AudioDecodeError, decode_audio
-
         if not audio_file.exists():
             raise RecordingError(audio_file, subject, "audio_file",
                                  f"audio=file: {audio_file.name} does not exist beside the recording "

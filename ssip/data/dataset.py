@@ -1,24 +1,42 @@
-"""Reading ingested trials back into memory (single-process training, evaluation, tests).
+"""Reading ingested trials back: the manifest's shard lists, and rows in memory.
 
-Ray Data reads the same shards in the distributed paths (``ray.data.read_parquet`` on
-:func:`ssip.distributed.ingest.trial_files`); this module is for data that fits one process.
+The manifest (``ROOT/manifest.json``, written last by ``ssip ingest``) lists every shard; readers
+go through it, so a half-finished ingest is never read. :func:`trial_files` gives the shards to
+Ray Data's ``read_parquet`` in the distributed paths; :func:`load_trials` reads them into one
+process (single-process training, evaluation, tests).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from ssip import storage
 from ssip.data import schema
 
+MANIFEST = "manifest.json"
 
-def _tensor_values(col) -> list[np.ndarray]:
-    # Ray's variable-shape tensor extension converts to a list of ndarrays.
-    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
-    if hasattr(arr, "to_numpy") and hasattr(arr.type, "ndim"):
-        return list(arr.to_numpy())
-    return [np.asarray(x) for x in arr.to_pylist()]
+
+def trial_files(root: str, split: str | None = None, subject: str | None = None) -> list[str]:
+    """URIs of the trial shards listed in an ingest manifest, optionally filtered."""
+    manifest = storage.read_json(storage.join(root, MANIFEST))
+    files = []
+    for r in manifest["recordings"]:
+        for rel in r["files"]:
+            if not rel.startswith("trials/"):
+                continue
+            if subject is not None and r["subject"] != subject:
+                continue
+            if split is not None and not rel.endswith(f"-{split}.parquet"):
+                continue
+            files.append(storage.join(root, rel))
+    return files
+
+
+def quarantine_files(root: str) -> list[str]:
+    """URIs of the quarantine tables listed in an ingest manifest."""
+    manifest = storage.read_json(storage.join(root, MANIFEST))
+    return [storage.join(root, rel) for r in manifest["recordings"] for rel in r["files"]
+            if rel.startswith("quarantine/")]
 
 
 def load_trials(root: str, *, subject: str | None = None, split: str | None = None,
@@ -27,8 +45,6 @@ def load_trials(root: str, *, subject: str | None = None, split: str | None = No
 
     Files come from the manifest (written last), so a half-finished ingest is never read.
     """
-    from ssip.distributed.ingest import trial_files
-
     rows: list[dict] = []
     for uri in trial_files(root, split=split, subject=subject):
         fs, path = storage.filesystem(uri)
@@ -41,7 +57,8 @@ def load_trials(root: str, *, subject: str | None = None, split: str | None = No
         data = {}
         for name in table.column_names:
             kind = schema.TRIAL_COLUMNS.get(name, (None,))[0]
-            data[name] = _tensor_values(table.column(name)) if kind == "tensor" else table.column(name).to_pylist()
+            data[name] = (schema.tensor_values(table.column(name)) if kind == "tensor"
+                          else table.column(name).to_pylist())
         rows.extend(dict(zip(data, vals, strict=True)) for vals in zip(*data.values(), strict=True))
     rows.sort(key=lambda r: (r.get("subject", ""), r.get("trial_id", "")))
     return rows

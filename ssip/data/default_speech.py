@@ -37,7 +37,8 @@ utterance spoken in a val or test trial, :func:`ssip.data.leakage.evaluated_utte
 those recordings, and the synthetic sources never speak their texts either.
 
 The builder writes ``manifest.jsonl`` (the ``manifest`` layout of ``ssip speech ingest``) and the
-synthesised and pocketsphinx audio as WAV beside it; ``ssip speech ingest`` turns it into shards.
+synthesised and pocketsphinx audio as WAV beside it; ``ssip speech ingest`` turns it into shards
+(``ssip speech default`` does both: :func:`ssip.distributed.speech_ingest.run_default_speech`).
 """
 
 from __future__ import annotations
@@ -237,47 +238,3 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
     }
     (out / "default_speech.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
-
-
-def run_default_speech(out: str, cfg: DefaultSpeechConfig, *, exclude_from: str | None = None,
-                       address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Build the default corpus under ``out`` and ingest it there (``ssip speech default``).
-
-    ``out/build/`` holds the manifest and the synthesised audio, ``out/`` the shards and
-    ``card.json`` (from :func:`ssip.distributed.speech_ingest.run_speech_ingest`). With
-    ``exclude_from`` (an ingest root), the utterances of its val and test trials are left out and
-    ``out/leakage.json`` records the check of ids and mel content (:mod:`ssip.data.leakage`);
-    a leak raises.
-
-    Returns
-    -------
-    dict
-        The corpus card, with ``default_speech`` (the build summary) and ``leakage`` added.
-    """
-    from ssip import storage
-    from ssip.data.leakage import HELD_OUT_SPLITS, check_leakage, evaluated_utterances
-    from ssip.distributed.speech_ingest import run_speech_ingest
-
-    if storage.is_s3(out):
-        raise ValueError(f"ssip speech default: {out} must be a local folder (it holds the "
-                         "synthesised audio the ingest reads); copy the shards to S3 afterwards")
-    exclude = evaluated_utterances(exclude_from) if exclude_from else set()
-    info = build_default_speech(Path(out) / "build", cfg, exclude)
-    card = run_speech_ingest(str(Path(out) / "build" / "manifest.jsonl"), out, cfg.ingest,
-                             address=address, num_cpus=num_cpus)
-    card["default_speech"] = info
-    if exclude_from:
-        report = check_leakage(exclude_from, out)
-        summary = {k: report[k] for k in ("n_evaluated", "n_without_id", "n_corpus", "splits", "ok")}
-        summary.update(ingest_root=exclude_from, n_leaks=len(report["leaks"]),
-                       leaks=report["leaks"][:20], heldout_speakers=info["heldout_speakers"])
-        storage.write_json(storage.join(out, "leakage.json"), summary)
-        card["leakage"] = summary
-        if not report["ok"]:
-            raise RuntimeError(f"ssip speech default: {len(report['leaks'])} evaluated trial(s) of "
-                               f"{exclude_from} are in the prior corpus {out}, e.g. "
-                               f"{report['leaks'][:3]}; see {out}/leakage.json")
-    else:
-        card["leakage"] = {"ok": None, "splits": list(HELD_OUT_SPLITS),
-                           "note": "no ingest root given: nothing was excluded or checked"}
-    return card

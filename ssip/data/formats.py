@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ssip import mel as melmod
+from ssip.data.highgamma import high_gamma
 
 if TYPE_CHECKING:
     from ssip.data.simulate import SimulatedSubject
@@ -306,8 +307,6 @@ def write_flinker(sim: SimulatedSubject, path: str | Path, test_per_task: int = 
         The file written.
     """
     import h5py
-
-    from ssip.data.highgamma import high_gamma
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

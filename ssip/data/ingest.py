@@ -6,13 +6,15 @@ these per recording in ssip.distributed.ingest. Bad content is quarantined at th
 that contains it: a channel (flat, exploding, non-finite throughout), a trial (empty, outside the
 recording, overlapping another, NaN/Inf samples, audio/neural mismatch) or, when nothing of the
 file can be trusted, the whole file (unreadable, fields missing, wrong sampling rate, audio and
-neural durations that disagree).
+neural durations that disagree). :func:`discover` lists the recordings of a source and
+:func:`read_recording` reads one in any supported format.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import resample_poly
@@ -21,9 +23,10 @@ from ssip import mel as melmod
 from ssip import storage
 from ssip.config import check_option, check_range, field
 from ssip.data import schema
-from ssip.data.bids import BidsConfig
-from ssip.data.readers import NwbConfig, Recording, RecordingError
-from ssip.data.reference import REFERENCES
+from ssip.data.bids import BidsConfig, find_recordings, read_bids
+from ssip.data.highgamma import high_gamma, resample_features
+from ssip.data.readers import NwbConfig, Recording, RecordingError, read_flinker, read_nwb
+from ssip.data.reference import REFERENCES, rereference
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,66 @@ class RecordingResult:
     rows: list[dict]
     quarantine: list[dict]
     metadata: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading recordings (the readers: ssip.data.readers, ssip.data.bids).
+
+
+def discover(root: str | Path, fmt: str = "auto", bids=None) -> list[tuple[str, str]]:
+    """(path, format) of every recording under ``root`` (a file or a folder).
+
+    fmt: ``nwb`` (``*_ieeg.nwb``), ``flinker`` (``*.h5``), ``bids`` (any BIDS-iEEG recording
+    matching the :class:`~ssip.data.bids.BidsConfig` selection ``bids``, through MNE-BIDS) or
+    ``auto`` (NWB if any, else HDF5: a simulated corpus holds both formats of the same subjects,
+    so auto never mixes them; else ``bids`` when ``root`` or a folder just below it is a BIDS
+    dataset).
+    """
+    root = Path(root)
+    if fmt == "bids":
+        if root.is_file():
+            return [(str(root), "bids")]
+        return [(p, "bids") for p in find_recordings(root, bids or BidsConfig())]
+    if root.is_file():
+        kind = "nwb" if root.suffix == ".nwb" else "flinker"
+        return [(str(root), kind)]
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder to ingest")
+    nwb = sorted(str(p) for p in root.rglob("*_ieeg.nwb"))
+    h5 = sorted(str(p) for p in root.rglob("*.h5"))
+    if fmt == "auto" and not nwb and not h5:
+        # A BIDS dataset in another raw format: ROOT itself, or one folder below it (a simulated
+        # corpus written with formats=[brainvision] keeps it in bids-brainvision/).
+        for desc in [root / "dataset_description.json", *sorted(root.glob("*/dataset_description.json"))]:
+            if desc.exists():
+                return discover(desc.parent, "bids", bids)
+    if fmt == "nwb" or (fmt == "auto" and nwb):
+        found = [(p, "nwb") for p in nwb]
+    elif fmt in ("flinker", "auto"):
+        found = [(p, "flinker") for p in h5]
+    else:
+        raise ValueError(f"format={fmt!r} is not allowed; choose one of ['auto', 'nwb', 'flinker', 'bids']")
+    if not found:
+        raise FileNotFoundError(f"{root}: no recordings found (looked for *_ieeg.nwb and *.h5, format={fmt})")
+    return found
+
+
+def read_recording(path: str, fmt: str, bids=None, nwb: NwbConfig | None = None) -> Recording:
+    """Read one recording; ``bids`` is the :class:`~ssip.data.bids.BidsConfig` for ``fmt="bids"``,
+    ``nwb`` the :class:`~ssip.data.readers.NwbConfig` for ``fmt="nwb"``."""
+    if fmt == "nwb":
+        nwb = nwb or NwbConfig()
+        return read_nwb(path, trial_type=nwb.trial_type, transcript_column=nwb.transcript_column,
+                        trials_from=nwb.trials, stimulus_name=nwb.stimulus)
+    if fmt == "flinker":
+        return read_flinker(path)
+    if fmt == "bids":
+        return read_bids(path, bids)
+    raise ValueError(f"format={fmt!r} is not allowed; choose one of ['nwb', 'flinker', 'bids']")
+
+
+# ---------------------------------------------------------------------------------------------
+# One recording -> trials.
 
 
 def _q(rec: Recording, level: str, field_name: str, reason: str, trial_id: str = "") -> dict:
@@ -175,8 +238,6 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
 
     Raises RecordingError when nothing of the recording can be used.
     """
-    from ssip.data.highgamma import high_gamma, resample_features
-
     quarantine: list[dict] = []
     fr = cfg.frame_rate
     if rec.is_raw and rec.sfreq < cfg.min_raw_sfreq:
@@ -205,8 +266,6 @@ def process_recording(rec: Recording, cfg: IngestConfig) -> RecordingResult:
         sig = np.where(np.isfinite(sig), sig, 0.0).astype(np.float32)
     reference = {"scheme": "none"}
     if rec.is_raw and cfg.reference != "none":
-        from ssip.data.reference import rereference
-
         types = [t for t, k in zip(rec.channel_types or ["ecog"] * len(keep), keep, strict=True) if k]
         try:
             ref = rereference(sig, rec.sfreq, names, types, cfg.reference, rec.channel_groups)

@@ -20,6 +20,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ssip.data.dataset import load_trials
+from ssip.data.speech_corpus import load_speech
+
 #: Splits whose trials are evaluated or used to choose settings: never in the prior's corpus.
 HELD_OUT_SPLITS = ("val", "test")
 
@@ -91,8 +94,6 @@ def find_leaks(evaluated: Sequence[dict], corpus: Iterable[dict], *, frame_toler
 
 def evaluated_utterances(ingest_root: str, splits: Sequence[str] = HELD_OUT_SPLITS) -> set[str]:
     """Utterance ids of every trial in ``splits`` of an ingest root (the ones to keep out)."""
-    from ssip.data.dataset import load_trials
-
     ids: set[str] = set()
     for split in splits:
         for t in load_trials(ingest_root, split=split, columns=["schema_version", "utt_id"]):
@@ -111,9 +112,6 @@ def check_leakage(ingest_root: str, speech_root: str, splits: Sequence[str] = HE
         ``n_evaluated``, ``n_without_id`` (checked by content only), ``n_corpus``, ``leaks``
         (see :func:`find_leaks`) and ``ok``.
     """
-    from ssip.data.dataset import load_trials
-    from ssip.data.speech_corpus import load_speech
-
     evaluated = []
     for split in splits:
         for t in load_trials(ingest_root, split=split,

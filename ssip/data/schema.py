@@ -1,9 +1,12 @@
-"""The versioned parquet schema of ingested trials and of the quarantine table.
+"""The versioned parquet schema of ingested trials, of the quarantine table and of decoded tables.
 
 Arrays are stored as Ray Data's variable-shape tensor extension (one tensor per row, each with
 its own shape), not nested lists: nested lists come back from Ray Data as object arrays of
-arrays, tensors come back as ndarrays (DESIGN.md section 7). Readers without Ray see the
-extension's storage (a struct of flat data and shape).
+arrays, tensors come back as ndarrays (DESIGN.md section 7). The extension is written here with
+pyarrow alone (:func:`tensor_column`: the bytes Ray's ``ArrowVariableShapedTensorArray`` writes,
+the same extension name and metadata), so that this layer never imports Ray; readers without Ray
+see the extension's storage (a struct of flat data and shape), which :func:`tensor_values`
+turns back into ndarrays, as it does Ray's extension arrays.
 
 Dataset layout under an ingest root (local path or s3:// URI)::
 
@@ -15,9 +18,11 @@ Dataset layout under an ingest root (local path or s3:// URI)::
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
-from ray.data.extensions import ArrowVariableShapedTensorArray
 
 SCHEMA_VERSION = "ssip-trials-v1"
 SPLITS = ("train", "val", "test")
@@ -59,9 +64,87 @@ QUARANTINE_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
-def tensor_column(arrays: list[np.ndarray]) -> pa.ExtensionArray:
-    """Ragged list of float32 ndarrays -> Ray variable-shape tensor column."""
-    return ArrowVariableShapedTensorArray.from_numpy([np.ascontiguousarray(a, np.float32) for a in arrays])
+#: Extension name of Ray Data's variable-shape tensor type (``ArrowVariableShapedTensorType``).
+TENSOR_EXTENSION = "ray.data.arrow_variable_shaped_tensor"
+
+
+class VariableShapedTensorType(pa.ExtensionType):
+    """Ray Data's variable-shape tensor type, as pyarrow sees it in a file: storage
+    ``struct<data: large_list<value>, shape: list<int64>>``, metadata the JSON of ``ndim``.
+
+    Never registered with pyarrow (Ray registers its own class under the same name when it is
+    imported, and Ray Data needs its own to read columns as ndarrays): it only labels the arrays
+    :func:`tensor_column` writes.
+    """
+
+    def __init__(self, value_type: pa.DataType, ndim: int):
+        self._ndim = int(ndim)
+        super().__init__(pa.struct([("data", pa.large_list(value_type)),
+                                    ("shape", pa.list_(pa.int64()))]), TENSOR_EXTENSION)
+
+    @property
+    def ndim(self) -> int:
+        return self._ndim
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return json.dumps(self._ndim).encode()
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type, serialized):
+        return cls(storage_type["data"].type.value_type, json.loads(serialized))
+
+
+def tensor_column(arrays: Sequence[np.ndarray]) -> pa.ExtensionArray:
+    """Ragged list of float32 ndarrays -> Ray variable-shape tensor column.
+
+    The array ``ray.data.extensions.ArrowVariableShapedTensorArray.from_numpy`` builds (C-order
+    data of every tensor back to back, int64 offsets, int64 shapes), so a file written with it
+    is the same bytes, and ``ray.data.read_parquet`` reads it as ndarrays.
+    """
+    tensors = [np.ascontiguousarray(a, np.float32) for a in arrays]
+    if not tensors:
+        raise ValueError("Creating empty ragged tensor arrays is not supported.")
+    ndim = tensors[0].ndim
+    if any(t.ndim != ndim for t in tensors):
+        raise ValueError(f"tensor_column: every tensor needs {ndim} dimension(s), got "
+                         f"{sorted({t.ndim for t in tensors})}")
+    data = np.concatenate([t.ravel() for t in tensors]) if len(tensors) > 1 else tensors[0].ravel()
+    offsets = np.insert(np.cumsum([t.size for t in tensors], dtype=np.int64), 0, 0)
+    values = pa.Array.from_buffers(pa.float32(), len(data), [None, pa.py_buffer(data)])
+    storage = pa.StructArray.from_arrays(
+        [pa.LargeListArray.from_arrays(pa.array(offsets), values),
+         pa.array([t.shape for t in tensors], pa.list_(pa.int64()))], ["data", "shape"])
+    return pa.ExtensionArray.from_storage(VariableShapedTensorType(pa.float32(), ndim), storage)
+
+
+def tensor_values(col: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
+    """A tensor column (of :func:`tensor_column`, read with or without Ray) -> one ndarray per row.
+
+    Rows are views of the column's buffer, C-ordered, of the stored dtype and shape (what Ray's
+    ``ArrowVariableShapedTensorArray.to_numpy`` gives). A column of plain lists gives
+    ``np.asarray`` of each row.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+    if not (pa.types.is_struct(storage.type) and storage.type.get_field_index("data") >= 0
+            and storage.type.get_field_index("shape") >= 0):
+        return [np.asarray(x) for x in arr.to_pylist()]
+    data = storage.field("data")
+    shapes = storage.field("shape").to_pylist()
+    if storage.offset:  # a slice: StructArray.field ignores the parent's offset
+        data = data.slice(storage.offset, len(storage))
+        shapes = shapes[storage.offset:storage.offset + len(storage)]
+    offsets = data.offsets.to_numpy()
+    values = data.values
+    if pa.types.is_boolean(values.type) or not pa.types.is_primitive(values.type):
+        flat = values.to_numpy(zero_copy_only=False)
+        return [flat[offsets[i]:offsets[i + 1]].reshape(shape) for i, shape in enumerate(shapes)]
+    # Views of the buffer, as Ray makes them (writable when the buffer is).
+    dtype = np.dtype(values.type.to_pandas_dtype())
+    buf = values.buffers()[1]
+    return [np.ndarray(tuple(shape), dtype, buffer=buf,
+                       offset=(values.offset + int(offsets[i])) * dtype.itemsize)
+            for i, shape in enumerate(shapes)]
 
 
 def _table(columns: dict[str, tuple[object, str]], version: str, rows: list[dict]) -> pa.Table:
@@ -136,3 +219,24 @@ def speech_table(rows: list[dict]) -> pa.Table:
 
 def speech_quarantine_table(rows: list[dict]) -> pa.Table:
     return _string_table(SPEECH_QUARANTINE_COLUMNS, SPEECH_SCHEMA_VERSION, rows)
+
+
+# --- Decoded tables (ssip decode; scored by ssip evaluate) ---------------------------------------
+
+
+def decoded_table(rows: list[dict]) -> pa.Table:
+    """Build a decoded table from dicts with subject, trial_id, method, mel (80, T)."""
+    return pa.table({
+        "subject": pa.array([r["subject"] for r in rows], pa.string()),
+        "trial_id": pa.array([r["trial_id"] for r in rows], pa.string()),
+        "method": pa.array([r["method"] for r in rows], pa.string()),
+        "mel": tensor_column([r["mel"] for r in rows]),
+    })
+
+
+def decoded_rows_table(rows: list[dict]) -> pa.Table:
+    """The decoded table of :func:`decoded_table` plus an int32 ``draw`` and a float ``spread``
+    (posterior std of the mean rows, null elsewhere): what ``ssip decode`` writes."""
+    return decoded_table(rows).append_column(
+        "draw", pa.array([int(r.get("draw", -1)) for r in rows], pa.int32())).append_column(
+        "spread", pa.array([r.get("spread") for r in rows], pa.float32()))

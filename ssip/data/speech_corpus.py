@@ -881,8 +881,6 @@ def load_speech(root: str, columns: list[str] | None = None) -> list[dict]:
     ValueError
         The card or a shard has another schema version, or a column is unknown.
     """
-    from ssip.data.dataset import _tensor_values
-
     card = read_card(root)
     if card is None:
         raise FileNotFoundError(f"{storage.join(root, CARD)} does not exist: run `ssip speech ingest "
@@ -909,7 +907,7 @@ def load_speech(root: str, columns: list[str] | None = None) -> list[dict]:
             if columns is not None and name not in columns:
                 continue
             if schema.SPEECH_COLUMNS[name][0] == "tensor":
-                data[name] = [np.asarray(a, np.float32) for a in _tensor_values(table.column(name))]
+                data[name] = [np.asarray(a, np.float32) for a in schema.tensor_values(table.column(name))]
             else:
                 data[name] = table.column(name).to_pylist()
         rows.extend(dict(zip(data, vals, strict=True)) for vals in zip(*data.values(), strict=True))

@@ -47,9 +47,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ssip import storage
-from ssip.config import check_range, field
+from ssip.config import check_range, field, from_dict
+from ssip.data.dataset import trial_files
+from ssip.data.schema import decoded_rows_table, tensor_values
+from ssip.decode import BASELINE_METHODS, DecodeConfig, decode_trials, padded_length
+from ssip.distributed.metrics import make as make_metric
+from ssip.distributed.runtime import init_ray
+from ssip.models.baselines import load_baseline
+from ssip.models.likelihood import load_likelihood
+from ssip.models.prior import load_prior
+from ssip.sampling import NonFiniteSampleError
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +105,6 @@ def quarantine_uri(work: str, subject: str, key: str) -> str:
 
 
 def _quarantine_table(rows: list[dict]):
-    import pyarrow as pa
-
     cols = ("subject", "trial_id", "source_file", "field", "reason")
     return pa.table({c: pa.array([str(r.get(c, "")) for r in rows], pa.string()) for c in cols})
 
@@ -112,8 +121,6 @@ def plan_units(trials: list[dict], factor: int, batch_size: int, run_key: str
     length, ``batch_size`` at a time, in the order :func:`ssip.decode.decode_trials` batches
     them.
     """
-    from ssip.decode import padded_length
-
     groups: dict[tuple[str, int], list[str]] = defaultdict(list)
     for t in trials:
         groups[(str(t["subject"]), padded_length(int(t["n_frames"]), factor))].append(
@@ -130,8 +137,6 @@ def plan_units(trials: list[dict], factor: int, batch_size: int, run_key: str
 def read_trial_index(files: list[str]) -> tuple[list[dict], list[str], list[dict]]:
     """(subject, trial_id, n_frames, file) of every trial of the readable shards, the readable
     shard URIs, and a quarantine row for every shard that cannot be read (or lacks a column)."""
-    import pyarrow.parquet as pq
-
     rows, good, bad = [], [], []
     for uri in files:
         try:
@@ -175,10 +180,6 @@ class DecodeActor:
                  subject_overrides: dict[str, dict] | None = None):
         import torch
 
-        from ssip.config import from_dict
-        from ssip.decode import DecodeConfig
-        from ssip.models.prior import load_prior
-
         self.bulk = from_dict(BulkDecodeConfig, bulk)
         if not self.bulk.use_gpu:
             torch.set_num_threads(self.bulk.threads_per_actor)
@@ -197,9 +198,7 @@ class DecodeActor:
 
     def _metric(self):
         if self._metrics is None:
-            from ssip.distributed.metrics import make
-
-            self._metrics = tuple(make(n) for n in ("ssip_decode_trials",
+            self._metrics = tuple(make_metric(n) for n in ("ssip_decode_trials",
                                                     "ssip_decode_seconds_per_trial",
                                                     "ssip_decode_samples_per_second"))
         return self._metrics
@@ -208,10 +207,6 @@ class DecodeActor:
         """(likelihood or None, baselines, error) of a subject, loaded once."""
         if subject in self.models:
             return self.models[subject]
-        from ssip.decode import BASELINE_METHODS
-        from ssip.models.baselines import load_baseline
-        from ssip.models.likelihood import load_likelihood
-
         methods = self.cfg.methods
         likelihood, baselines, error = None, {}, None
         try:
@@ -232,17 +227,13 @@ class DecodeActor:
     def _partner_neural(self, subject: str, trial_id: str) -> np.ndarray:
         """The neural data of the trial whose data drives ``trial_id``'s shuffled control."""
         if subject not in self.split_neural:
-            import pyarrow.parquet as pq
-
-            from ssip.data.dataset import _tensor_values
-
             found: dict[str, np.ndarray] = {}
             for uri in self.shards.get(subject, []):  # the readable shards only
                 fs, path = storage.filesystem(uri)
                 table = pq.read_table(path, filesystem=fs, columns=["trial_id", "neural"])
                 found.update(zip(table.column("trial_id").to_pylist(),
                                  (np.asarray(x, np.float32)
-                                  for x in _tensor_values(table.column("neural"))), strict=True))
+                                  for x in tensor_values(table.column("neural"))), strict=True))
             self.split_neural[subject] = found
         x = self.split_neural[subject][self.partners[f"{subject}/{trial_id}"]]
         # A control only needs another trial's data: a partner that holds NaN/Inf (itself
@@ -250,10 +241,6 @@ class DecodeActor:
         return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if x.ndim == 2 else x
 
     def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ssip.commands.decode import decoded_rows_table
-        from ssip.decode import decode_trials
-        from ssip.sampling import NonFiniteSampleError
-
         t0 = time.perf_counter()
         key = str(group["unit"][0])
         unit = self.units[key]
@@ -298,8 +285,6 @@ class DecodeActor:
             storage.write_parquet(quarantine_uri(self.work, subject, key),
                                   _quarantine_table(quarantine))
         if decoded:
-            import pyarrow as pa
-
             table = decoded_rows_table(decoded)
             table = table.append_column("run", pa.array([self.run_key] * table.num_rows,
                                                         pa.string()))
@@ -355,10 +340,6 @@ def _trial_problem(neural, n_frames: int, n_electrodes: int | None) -> str | Non
 
 def _empty_table():
     """A decoded table with no rows, with the columns (and types) of a unit's table."""
-    import pyarrow as pa
-
-    from ssip.commands.decode import decoded_rows_table
-
     probe = decoded_rows_table([{"subject": "", "trial_id": "", "method": "dps", "draw": 0,
                                  "mel": np.zeros((80, 1), np.float32)}])
     probe = probe.append_column("run", pa.array([""], pa.string()))
@@ -403,10 +384,6 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
     dict
         The summary (also ``WORK/summary.json``).
     """
-    import pyarrow as pa
-
-    from ssip.distributed.ingest import trial_files
-
     bulk = bulk or BulkDecodeConfig()
     # Actors may run in another working directory (another node): local paths made absolute.
     ingest, out, prior = (storage.absolute(x) for x in (ingest, out, prior))
@@ -414,8 +391,6 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
                                                                      baselines_root))
     work = storage.absolute(work) if work else f"{out}.d"
     t_start = time.perf_counter()
-    from ssip.models.prior import load_prior
-
     # The trials' padding multiple (the UNet's factor, or cfg.pad_multiple's buckets).
     factor = cfg.pad_factor(int(getattr(load_prior(prior)[0], "factor", 8)))
     # The run key: what was decoded with what. The same key re-run resumes; another key is
@@ -511,8 +486,6 @@ def _run_actors(index, good, pending, partners, work, run_key, prior, likelihood
                 subject_overrides):
     import ray
     from ray.data import ActorPoolStrategy
-
-    from ssip.distributed.runtime import init_ray
 
     embedded = init_ray(address, num_cpus)
     try:

@@ -47,6 +47,7 @@ Metrics (:class:`TrainMetrics`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +63,7 @@ import numpy as np
 
 from ssip import storage
 from ssip.config import ConfigError, check_option, check_range, field
+from ssip.distributed.metrics import make as make_metric
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,12 @@ def load_run_checkpoint(engine, *, rank: int, world_size: int, generator,
     return state, loaded
 
 
+def stable_key(key: str) -> list[int]:
+    """Seed words of a string key (an utterance or trial id), the same in every process (Python's
+    ``hash()`` is salted per process)."""
+    return np.frombuffer(hashlib.blake2b(key.encode(), digest_size=8).digest(), np.uint32).tolist()
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Seed of the noise/dropout generator of worker ``rank`` (different on every worker)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
@@ -352,14 +360,12 @@ class TrainMetrics:
 
     def __init__(self, model: str, run: str, folder: str | None, rank: int,
                  subject: str = "-"):
-        from ssip.distributed.metrics import make
-
         self.tags = {"model": model, "subject": subject, "run": run}
-        self.samples = make("ssip_train_samples")
-        self.loss = make("ssip_train_loss")
-        self.rate = make("ssip_train_samples_per_second")
-        self.wait = make("ssip_train_data_wait_seconds")
-        self.wait_fraction = make("ssip_train_data_wait_fraction")
+        self.samples = make_metric("ssip_train_samples")
+        self.loss = make_metric("ssip_train_loss")
+        self.rate = make_metric("ssip_train_samples_per_second")
+        self.wait = make_metric("ssip_train_data_wait_seconds")
+        self.wait_fraction = make_metric("ssip_train_data_wait_fraction")
         self.path = storage.join(folder, METRICS_NAME) if folder and rank == 0 else None
         self.rows: list[dict[str, Any]] = []
         if self.path and storage.exists(self.path):  # a resumed run appends to its history

@@ -4,7 +4,8 @@ Every recording is read, processed and written by its own task
 (:func:`ssip.data.ingest.process_recording` + :func:`~ssip.data.ingest.write_result`); a file that
 cannot be used becomes a file-level quarantine row and the others go on. The manifest is written
 last, so a reader never sees a half-finished run, and re-running over the same output replaces
-each recording's shards whole (no duplicates).
+each recording's shards whole (no duplicates). Readers list the shards with
+:func:`ssip.data.dataset.trial_files`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ from pathlib import Path
 from ssip import storage
 from ssip.config import config_hash, from_dict
 from ssip.data import schema
-from ssip.data.ingest import IngestConfig, file_quarantine_row, process_recording, write_result
-from ssip.data.readers import RecordingError, discover, read_recording
+from ssip.data.dataset import MANIFEST
+from ssip.data.ingest import (
+    IngestConfig,
+    discover,
+    file_quarantine_row,
+    process_recording,
+    read_recording,
+    write_result,
+)
+from ssip.data.readers import RecordingError
+from ssip.distributed.runtime import init_ray
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
 
 
 def ingest_one(item: dict) -> dict:
@@ -58,8 +66,6 @@ def run_ingest(source: str, out: str, cfg: IngestConfig, *, address: str | None 
     Returns the manifest (also written to ``out/manifest.json``).
     """
     import ray
-
-    from ssip.distributed.runtime import init_ray
 
     recordings = discover(source, cfg.format, cfg.bids)
     log.info("ingesting %d recording(s) from %s into %s", len(recordings), source, out)
@@ -98,25 +104,3 @@ def run_ingest(source: str, out: str, cfg: IngestConfig, *, address: str | None 
     log.info("ingest done in %.1f s: %d trials, %d quarantine rows, %d failed file(s)",
              elapsed, manifest["n_trials"], manifest["n_quarantined"], len(failed))
     return manifest
-
-
-def trial_files(root: str, split: str | None = None, subject: str | None = None) -> list[str]:
-    """URIs of the trial shards listed in an ingest manifest, optionally filtered."""
-    manifest = storage.read_json(storage.join(root, MANIFEST))
-    files = []
-    for r in manifest["recordings"]:
-        for rel in r["files"]:
-            if not rel.startswith("trials/"):
-                continue
-            if subject is not None and r["subject"] != subject:
-                continue
-            if split is not None and not rel.endswith(f"-{split}.parquet"):
-                continue
-            files.append(storage.join(root, rel))
-    return files
-
-
-def quarantine_files(root: str) -> list[str]:
-    manifest = storage.read_json(storage.join(root, MANIFEST))
-    return [storage.join(root, rel) for r in manifest["recordings"] for rel in r["files"]
-            if rel.startswith("quarantine/")]

@@ -58,7 +58,14 @@ from typing import Any
 import numpy as np
 
 from ssip import storage
-from ssip.config import ConfigError, check_range, field
+from ssip.config import ConfigError, check_range, field, from_dict, resolve
+from ssip.decode import DecodeConfig, decode_trials
+from ssip.distributed.metrics import make as make_metric
+from ssip.distributed.runtime import init_ray
+from ssip.models.likelihood import load_likelihood
+from ssip.models.prior import load_prior
+from ssip.models.vocoder import get_vocoder
+from ssip.presets import load_preset, presets_root
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +270,6 @@ class OnlineDecoder:
                  serve: dict[str, Any], subject_overrides: dict[str, dict] | None = None):
         import torch
 
-        from ssip.config import from_dict
-        from ssip.decode import DecodeConfig
-        from ssip.models.prior import load_prior
-        from ssip.models.vocoder import get_vocoder
-
         self.cfg = from_dict(ServeConfig, serve)
         self.decode_cfg = dataclasses.replace(from_dict(DecodeConfig, decode), methods=["dps"])
         self.overrides = subject_overrides or {}
@@ -349,8 +351,6 @@ class OnlineDecoder:
 
     def _likelihood(self, subject: str):
         if subject not in self.likelihoods:
-            from ssip.models.likelihood import load_likelihood
-
             where = storage.join(self.likelihood_root, subject)
             model, manifest = load_likelihood(where, device=self.device)
             if manifest.get("subject") not in (None, subject):
@@ -361,8 +361,6 @@ class OnlineDecoder:
     def _decode_group(self, reqs: list[DecodeRequest]) -> list[Any]:
         """Decode requests (any subjects): one decode_trials call per (subject, draws) group.
         Returns per request its response dict or the exception that failed its group."""
-        from ssip.decode import decode_trials
-
         out: list[Any] = [None] * len(reqs)
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, r in enumerate(reqs):
@@ -412,9 +410,7 @@ class OnlineDecoder:
 
     def _metric_set(self):
         if self._metrics is None:
-            from ssip.distributed.metrics import make
-
-            self._metrics = tuple(make(n) for n in ("ssip_serve_requests",
+            self._metrics = tuple(make_metric(n) for n in ("ssip_serve_requests",
                                                     "ssip_serve_request_seconds",
                                                     "ssip_serve_batch_size"))
         return self._metrics
@@ -464,9 +460,6 @@ def app_builder(args: dict[str, Any]):
     (``ssip.distributed.serve:app_builder``) with ``args``: ``prior``, ``likelihood_root``,
     optional ``decode`` and ``serve`` (dicts of DecodeConfig / ServeConfig fields, or YAML
     paths), ``preset`` (a sweep preset name) and ``presets`` (its folder)."""
-    from ssip.config import from_dict, resolve
-    from ssip.decode import DecodeConfig
-
     def load(cls, value):
         if value is None or isinstance(value, str):
             return resolve(cls, value)
@@ -477,8 +470,6 @@ def app_builder(args: dict[str, Any]):
             raise ConfigError(f"app_builder: args.{key} is required")
     overrides = {}
     if args.get("preset"):
-        from ssip.distributed.sweep import load_preset, presets_root
-
         overrides = load_preset(presets_root(args["likelihood_root"], args.get("presets")),
                                 args["preset"], prior=args["prior"],
                                 likelihood_root=args["likelihood_root"])
@@ -492,9 +483,14 @@ def start(app, cfg: ServeConfig, *, address: str | None = None, num_cpus: int | 
     """Start Serve's proxy on ``cfg.host:cfg.port`` and deploy ``app``; returns its base URL."""
     from ray import serve
 
-    from ssip.distributed.runtime import init_ray
-
     init_ray(address, num_cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def stop(cfg: ServeConfig) -> None:
+    """Delete the application ``cfg.app_name`` that :func:`start` deployed."""
+    from ray import serve
+
+    serve.delete(cfg.app_name)

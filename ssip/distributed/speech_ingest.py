@@ -6,6 +6,9 @@ finished becomes one Ray task that decodes, checks and mels its files and writes
 and quarantine file (:func:`ssip.data.speech_corpus.run_group`). Tasks return only a small
 summary; the driver writes the corpus card last, so a reader never sees a half-finished run,
 and then removes shard files that the new card no longer lists.
+
+:func:`run_default_speech` builds ssip's default corpus (:mod:`ssip.data.default_speech`) and
+ingests it so, checking it against an ingest root for leakage (:mod:`ssip.data.leakage`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 
 from ssip import storage
 from ssip.config import from_dict
+from ssip.data.default_speech import DefaultSpeechConfig, build_default_speech
+from ssip.data.leakage import HELD_OUT_SPLITS, check_leakage, evaluated_utterances
 from ssip.data.speech_corpus import (
     CARD,
     SpeechFile,
@@ -27,6 +33,7 @@ from ssip.data.speech_corpus import (
     remove_stale,
     run_group,
 )
+from ssip.distributed.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +82,6 @@ def run_speech_ingest(src: str, out: str, cfg: SpeechIngestConfig, *, address: s
     if todo:
         import ray
 
-        from ssip.distributed.runtime import init_ray
-
         embedded = init_ray(address, num_cpus)
         cfg_dict = dataclasses.asdict(cfg)
         items = [{"out": str(out), "group": g.name, "key": g.key, "config": cfg_dict,
@@ -98,4 +103,43 @@ def run_speech_ingest(src: str, out: str, cfg: SpeechIngestConfig, *, address: s
     log.info("speech ingest done in %.1f s: %.3f h, %d utterance(s), %d speaker(s), %d quarantined",
              card["seconds"], card["hours"], card["n_utterances"], card["n_speakers"],
              card["n_quarantined"])
+    return card
+
+
+def run_default_speech(out: str, cfg: DefaultSpeechConfig, *, exclude_from: str | None = None,
+                       address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Build the default corpus under ``out`` and ingest it there (``ssip speech default``).
+
+    ``out/build/`` holds the manifest and the synthesised audio, ``out/`` the shards and
+    ``card.json`` (from :func:`run_speech_ingest`). With ``exclude_from`` (an ingest root), the
+    utterances of its val and test trials are left out and ``out/leakage.json`` records the check
+    of ids and mel content (:mod:`ssip.data.leakage`); a leak raises.
+
+    Returns
+    -------
+    dict
+        The corpus card, with ``default_speech`` (the build summary) and ``leakage`` added.
+    """
+    if storage.is_s3(out):
+        raise ValueError(f"ssip speech default: {out} must be a local folder (it holds the "
+                         "synthesised audio the ingest reads); copy the shards to S3 afterwards")
+    exclude = evaluated_utterances(exclude_from) if exclude_from else set()
+    info = build_default_speech(Path(out) / "build", cfg, exclude)
+    card = run_speech_ingest(str(Path(out) / "build" / "manifest.jsonl"), out, cfg.ingest,
+                             address=address, num_cpus=num_cpus)
+    card["default_speech"] = info
+    if exclude_from:
+        report = check_leakage(exclude_from, out)
+        summary = {k: report[k] for k in ("n_evaluated", "n_without_id", "n_corpus", "splits", "ok")}
+        summary.update(ingest_root=exclude_from, n_leaks=len(report["leaks"]),
+                       leaks=report["leaks"][:20], heldout_speakers=info["heldout_speakers"])
+        storage.write_json(storage.join(out, "leakage.json"), summary)
+        card["leakage"] = summary
+        if not report["ok"]:
+            raise RuntimeError(f"ssip speech default: {len(report['leaks'])} evaluated trial(s) of "
+                               f"{exclude_from} are in the prior corpus {out}, e.g. "
+                               f"{report['leaks'][:3]}; see {out}/leakage.json")
+    else:
+        card["leakage"] = {"ok": None, "splits": list(HELD_OUT_SPLITS),
+                           "note": "no ingest root given: nothing was excluded or checked"}
     return card

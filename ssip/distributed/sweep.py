@@ -10,17 +10,17 @@ the running mean of the posterior mean's mel PCC, so that ASHA stops the bad set
 trial; when ASHA stopped the default early, its full score is computed with the same code (the
 seeds make it the number the trial would have reached).
 
-The preset, ``PRESETS/<name>.json`` (default PRESETS = LIKELIHOOD_ROOT/presets), holds per
-subject the winning DecodeConfig overrides, its score, the default's, the trials scored, the
-checkpoints used (path + manifest hash) and where Tune kept its results; sweeping another subject
-under the same name adds it. ``ssip decode --preset NAME`` decodes each subject with its own
-overrides (and warns when its checkpoints changed since the sweep).
+The preset (:mod:`ssip.presets`), ``PRESETS/<name>.json`` (default PRESETS =
+LIKELIHOOD_ROOT/presets), holds per subject the winning DecodeConfig overrides, its score, the
+default's, the trials scored, the checkpoints used (path + manifest hash) and where Tune kept its
+results; sweeping another subject under the same name adds it. ``ssip decode --preset NAME``
+decodes each subject with its own overrides (and warns when its checkpoints changed since the
+sweep).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -31,11 +31,16 @@ from typing import Any
 import numpy as np
 
 from ssip import storage
-from ssip.config import ConfigError, check_option, check_range, field
+from ssip.config import ConfigError, check_option, check_range, field, from_dict
+from ssip.data.dataset import load_trials
+from ssip.decode import MEAN_DRAW, DecodeConfig, decode_trials
+from ssip.distributed.runtime import init_ray
+from ssip.evaluate.metrics import mel_pcc
+from ssip.models.likelihood import load_likelihood
+from ssip.models.prior import load_prior
+from ssip.presets import checkpoint_ref, presets_root, save_preset_entry
 
 log = logging.getLogger(__name__)
-
-PRESETS_DIR = "presets"
 
 
 @dataclass
@@ -103,9 +108,6 @@ def grid(cfg: SweepConfig, base) -> list[dict[str, Any]]:
 def score_chunks(trials: list[dict], prior, likelihood, decode_cfg, chunk: int):
     """Decode ``trials`` in chunks with DPS; yield (trials scored, running mean mel PCC) after
     each chunk. Trials whose PCC is undefined (too few speech frames) are left out."""
-    from ssip.decode import MEAN_DRAW, decode_trials
-    from ssip.evaluate.metrics import mel_pcc
-
     cfg = dataclasses.replace(decode_cfg, methods=["dps"])
     scores: list[float] = []
     for s in range(0, len(trials), chunk):
@@ -121,10 +123,6 @@ def score_chunks(trials: list[dict], prior, likelihood, decode_cfg, chunk: int):
 
 def load_sweep_inputs(ingest: str, subject: str, prior: str, likelihood_root: str, n: int):
     """(val trials (first n), prior, likelihood) of one subject."""
-    from ssip.data.dataset import load_trials
-    from ssip.models.likelihood import load_likelihood
-    from ssip.models.prior import load_prior
-
     trials = load_trials(ingest, subject=subject, split="val",
                          columns=["schema_version", "subject", "trial_id", "neural", "mel"])[:n]
     if not trials:
@@ -141,9 +139,6 @@ def _trainable(config: dict[str, Any], *, ingest: str, subject: str, prior: str,
     import torch
     from ray import tune
 
-    from ssip.config import from_dict
-    from ssip.decode import DecodeConfig
-
     torch.set_num_threads(1)
     sc = from_dict(SweepConfig, sweep)
     cfg = from_dict(DecodeConfig, {**base, **config["setting"]})
@@ -155,15 +150,6 @@ def _trainable(config: dict[str, Any], *, ingest: str, subject: str, prior: str,
                      "seconds": time.perf_counter() - t0})
 
 
-def _checkpoint_ref(directory: str) -> dict[str, str]:
-    manifest = storage.read_bytes(storage.join(directory, "manifest.json"))
-    return {"path": directory, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
-
-
-def presets_root(likelihood_root: str, presets: str | None) -> str:
-    return presets or storage.join(likelihood_root, PRESETS_DIR)
-
-
 def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, base, cfg:
               SweepConfig, name: str, presets: str | None = None, address: str | None = None,
               num_cpus: int | None = None) -> dict[str, Any]:
@@ -171,8 +157,6 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from ssip.distributed.runtime import init_ray
 
     ingest, prior, likelihood_root = (storage.absolute(x) for x in (ingest, prior,
                                                                      likelihood_root))
@@ -226,9 +210,6 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     best = max(complete, key=lambda r: r["score"])
     default = next(r for r in rows if r["setting"] == settings[0])
     if default["trials_scored"] < len(trials):  # stopped early by ASHA: finish it here
-        from ssip.config import from_dict
-        from ssip.decode import DecodeConfig
-
         dcfg = from_dict(DecodeConfig, {**dataclasses.asdict(base), **settings[0]})
         *_, (n, score) = score_chunks(trials, prior_model, likelihood, dcfg, cfg.chunk)
         default = {"setting": settings[0], "score": score, "trials_scored": n,
@@ -239,8 +220,8 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
                     "completed_after_sweep": bool(default.get("completed_after_sweep"))},
         "metric": "mel PCC of the posterior mean (val, speech frames)",
         "trials": [t["trial_id"] for t in trials], "n_draws": cfg.n_draws, "seed": cfg.seed,
-        "checkpoints": {"prior": _checkpoint_ref(prior),
-                        "likelihood": _checkpoint_ref(storage.join(likelihood_root, subject))},
+        "checkpoints": {"prior": checkpoint_ref(prior),
+                        "likelihood": checkpoint_ref(storage.join(likelihood_root, subject))},
         "settings": rows, "n_settings": len(rows),
         "stopped_early": sum(r["trials_scored"] < len(trials) for r in rows),
         "tune": {"storage": where, "name": run_name}, "seconds": round(time.time() - t0, 1),
@@ -248,46 +229,3 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     }
     save_preset_entry(presets_root(likelihood_root, presets), name, subject, entry)
     return entry
-
-
-def preset_uri(root: str, name: str) -> str:
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ValueError(f"preset name {name!r}: use letters, digits, '-', '_' or '.'")
-    return storage.join(root, f"{name}.json")
-
-
-def save_preset_entry(root: str, name: str, subject: str, entry: dict[str, Any]) -> None:
-    uri = preset_uri(root, name)
-    preset = storage.read_json(uri) if storage.exists(uri) else {"name": name, "subjects": {}}
-    preset["subjects"][subject] = entry
-    storage.write_json(uri, preset)
-
-
-def load_preset(root: str, name: str, *, prior: str | None = None,
-                likelihood_root: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per subject, the DecodeConfig overrides of preset ``name``.
-
-    Warns (log) when a checkpoint the sweep used has changed since. Raises FileNotFoundError
-    naming the presets found when there is no such preset.
-    """
-    uri = preset_uri(root, name)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no preset {name!r} at {uri}; run `ssip sweep ... --name "
-                                f"{name}` first (or pass --presets DIR)")
-    preset = storage.read_json(uri)
-    out = {}
-    for subject, entry in preset["subjects"].items():
-        used = entry.get("checkpoints", {})
-        now = {}
-        if prior:
-            now["prior"] = _checkpoint_ref(prior)
-        if likelihood_root and storage.exists(storage.join(likelihood_root, subject,
-                                                           "manifest.json")):
-            now["likelihood"] = _checkpoint_ref(storage.join(likelihood_root, subject))
-        for kind, ref in now.items():
-            if used.get(kind, {}).get("manifest_sha256") not in (None, ref["manifest_sha256"]):
-                log.warning("preset %s, subject %s: the %s checkpoint changed since the sweep "
-                            "(%s); its setting may no longer be the best", name, subject, kind,
-                            ref["path"])
-        out[subject] = dict(entry["overrides"])
-    return out

@@ -56,15 +56,39 @@ import numpy as np
 
 from ssip import storage
 from ssip.config import ConfigError, from_dict
+from ssip.data.dataset import MANIFEST, load_trials, trial_files
+from ssip.data.schema import tensor_values
 from ssip.distributed.engine import (
+    RayTrainConfig,
+    TrainMetrics,
     all_reduce,
+    build_engine,
+    checkpoint_interval,
     endless_batches,
     fresh_run_name,
     kill_hook,
+    load_run_checkpoint,
     rank_seed,
+    run_folder,
+    run_trainer,
+    save_run_checkpoint,
+    set_lr,
+    stable_key,
 )
-from ssip.distributed.train_prior import stable_key
-from ssip.models.likelihood import LikelihoodConfig
+from ssip.distributed.runtime import init_ray
+from ssip.mel import N_MELS
+from ssip.models.checkpoint import read_manifest
+from ssip.models.likelihood import (
+    ConvLikelihood,
+    LikelihoodConfig,
+    build_likelihood,
+    evaluate_likelihood,
+    mel_normaliser,
+    save_likelihood,
+    set_mel_normaliser,
+    set_noise_sigma,
+    window_mse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +121,6 @@ def subject_index(ingest: str, subject: str, cfg: LikelihoodConfig) -> SubjectIn
     """
     import pyarrow.parquet as pq
 
-    from ssip.data.dataset import _tensor_values
-    from ssip.distributed.ingest import MANIFEST, trial_files
-    from ssip.models.likelihood import mel_normaliser
-
     uris = trial_files(ingest, split="train", subject=subject)
     val = trial_files(ingest, split="val", subject=subject)
     if not uris or not val:
@@ -117,7 +137,7 @@ def subject_index(ingest: str, subject: str, cfg: LikelihoodConfig) -> SubjectIn
         lengths.extend(table.column("n_frames").to_pylist())
         electrodes.update(table.column("n_electrodes").to_pylist())
         if cfg.kind == "conv":
-            mels.extend(np.asarray(m, np.float32) for m in _tensor_values(table.column("mel")))
+            mels.extend(np.asarray(m, np.float32) for m in tensor_values(table.column("mel")))
     if len(electrodes) != 1:
         raise ValueError(f"likelihood on Ray: subject {subject!r}'s train shards {uris} hold "
                          f"{sorted(electrodes)} electrodes; one count per subject is needed "
@@ -168,8 +188,6 @@ def cut_trial_windows(batch: dict[str, np.ndarray], *, window: int, past: int, l
     dict with ``mel`` (n, 80, L), ``neural`` (n, L, C) float32, ``real`` and ``loss`` (n, L)
     bool, L = past + window + lookahead.
     """
-    from ssip.models.prior import N_MELS
-
     if pass_index is None:
         from ray.data import DataContext
 
@@ -248,27 +266,6 @@ def likelihood_worker_loop(config: dict[str, Any]) -> None:
     """
     import ray.train
     import torch
-
-    from ssip.data.dataset import load_trials
-    from ssip.distributed.engine import (
-        RayTrainConfig,
-        TrainMetrics,
-        build_engine,
-        checkpoint_interval,
-        load_run_checkpoint,
-        run_folder,
-        save_run_checkpoint,
-        set_lr,
-    )
-    from ssip.models.likelihood import (
-        ConvLikelihood,
-        build_likelihood,
-        evaluate_likelihood,
-        save_likelihood,
-        set_mel_normaliser,
-        set_noise_sigma,
-        window_mse,
-    )
 
     cfg = from_dict(LikelihoodConfig, config["likelihood"])
     ray_cfg = from_dict(RayTrainConfig, config["ray"])
@@ -441,8 +438,6 @@ def likelihood_worker_loop(config: dict[str, Any]) -> None:
 
 def run_likelihood_trainer(loop_config: dict[str, Any], datasets: dict, ray_cfg=None):
     """Run :func:`likelihood_worker_loop` on ``ray_cfg.workers`` workers; the Result."""
-    from ssip.distributed.engine import run_trainer
-
     return run_trainer(likelihood_worker_loop, loop_config, datasets, ray_cfg,
                        model="likelihood")
 
@@ -476,10 +471,6 @@ def train_likelihood_on_ray(ingest: str, subject: str, out: str, cfg: Likelihood
         training statistics: val_mse, val_r_mean, best_epoch, epochs, samples_seen,
         samples_per_s, data_wait_s, resumed_from, ...).
     """
-    from ssip.distributed.engine import RayTrainConfig, run_folder
-    from ssip.distributed.runtime import init_ray
-    from ssip.models.checkpoint import read_manifest
-
     ray_cfg = ray_cfg or RayTrainConfig()
     ingest, out = storage.absolute(ingest), storage.absolute(out)  # workers' cwd is not ours
     if cfg.batch_size % ray_cfg.workers:

@@ -67,13 +67,27 @@ import numpy as np
 
 from ssip import storage
 from ssip.config import ConfigError, from_dict
+from ssip.data import schema
+from ssip.data.speech_corpus import CARD, read_card
 from ssip.distributed.engine import (
+    RayTrainConfig,
+    TrainMetrics,
     all_reduce,
+    build_engine,
+    checkpoint_interval,
     endless_batches,
     fresh_run_name,
     kill_hook,
+    load_run_checkpoint,
     rank_seed,
+    run_folder,
+    run_trainer,
+    save_run_checkpoint,
+    set_lr,
+    stable_key,
 )
+from ssip.distributed.runtime import init_ray
+from ssip.models.checkpoint import read_manifest
 from ssip.models.prior import (
     EMA,
     EDMPrior,
@@ -138,9 +152,6 @@ def shard_uris(roots: str | Sequence[str]) -> list[str]:
     ValueError
         A card has another schema version or lists no shard.
     """
-    from ssip.data import schema
-    from ssip.data.speech_corpus import CARD, read_card
-
     uris: list[str] = []
     for root in _as_roots(roots):
         card = read_card(root)
@@ -218,13 +229,11 @@ def data_stats(uris: Sequence[str], *, max_frames: int = 500_000, seed: int = 0
     On a corpus smaller than ``max_frames`` this is :func:`ssip.models.prior.estimate_data_stats`
     of every mel, the numbers the single-process path uses. Returns (mean, sigma_data, frames).
     """
-    from ssip.data.dataset import _tensor_values
-
     mels: list[np.ndarray] = []
     frames = 0
     for i in np.random.default_rng(seed).permutation(len(uris)):
         table = _read_columns(uris[i], ["mel"])
-        mels.extend(np.asarray(m, np.float32) for m in _tensor_values(table.column("mel")))
+        mels.extend(np.asarray(m, np.float32) for m in schema.tensor_values(table.column("mel")))
         frames = sum(m.shape[1] for m in mels)
         if frames >= max_frames:
             break
@@ -234,11 +243,6 @@ def data_stats(uris: Sequence[str], *, max_frames: int = 500_000, seed: int = 0
 
 # ---------------------------------------------------------------------------------------------
 # Ray Data: windows cut on the fly.
-
-
-def stable_key(utt_id: str) -> list[int]:
-    # Stable across processes (Python's hash() is salted per process).
-    return np.frombuffer(hashlib.blake2b(utt_id.encode(), digest_size=8).digest(), np.uint32).tolist()
 
 
 def cut_windows(batch: dict[str, np.ndarray], *, window: int, windows_per_epoch: int, epoch_seed: int,
@@ -382,8 +386,6 @@ def run_worker(engine, net, batches: Iterable, cfg: PriorConfig, *, rank: int, w
     """
     import torch
 
-    from ssip.distributed.engine import set_lr
-
     hooks = hooks or WorkerHooks()
     device = next(net.parameters()).device
     edges = torch.tensor(sigma_quartile_edges(cfg.p_mean, cfg.p_std))
@@ -498,15 +500,6 @@ def prior_worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from ssip.distributed.engine import (
-        RayTrainConfig,
-        TrainMetrics,
-        build_engine,
-        load_run_checkpoint,
-        run_folder,
-        save_run_checkpoint,
-    )
-
     cfg = from_dict(PriorConfig, config["prior"])
     ray_cfg = from_dict(RayTrainConfig, config["ray"])
     ctx = ray.train.get_context()
@@ -552,8 +545,6 @@ def prior_worker_loop(config: dict[str, Any]) -> None:
         save_run_checkpoint(engine, rank=rank, generator=generator, state=state, metrics=row,
                             tensors={"ema": ema.model.state_dict()}, export=export)
 
-    from ssip.distributed.engine import checkpoint_interval
-
     hooks = WorkerHooks(report=ray.train.report, checkpoint=checkpoint, metrics=metrics,
                         after_step=kill_hook(config.get("debug_kill"), rank),
                         checkpoint_every=checkpoint_interval(ray_cfg, cfg.log_every_samples))
@@ -577,8 +568,6 @@ def run_prior_trainer(loop_config: dict[str, Any], datasets: dict, ray_cfg=None)
     ``loop_config["run"]`` names the run (resumed when ``storage_path/run`` holds checkpoints).
     Returns the ``ray.train.Result``.
     """
-    from ssip.distributed.engine import run_trainer
-
     return run_trainer(prior_worker_loop, loop_config, datasets, ray_cfg, model="prior")
 
 
@@ -623,9 +612,6 @@ def train_prior_on_ray(roots: str | Sequence[str], out: str, cfg: PriorConfig, r
         (saved in the checkpoint too), ``metrics`` (samples, steps, loss,
         loss_by_sigma_quartile, samples_per_s, data_wait_s, resumed_from of the saved model).
     """
-    from ssip.distributed.engine import RayTrainConfig, run_folder
-    from ssip.distributed.runtime import init_ray
-
     ray_cfg = ray_cfg or RayTrainConfig()
     if cfg.batch_size % ray_cfg.workers:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of workers="
@@ -655,8 +641,6 @@ def train_prior_on_ray(roots: str | Sequence[str], out: str, cfg: PriorConfig, r
 
             ray.shutdown()
     # Ray Train V2 keeps metrics only with checkpoints: the numbers come from the saved manifest.
-    from ssip.models.checkpoint import read_manifest
-
     stats = read_manifest(str(out)).get("extra", {}).get("train_stats", {})
     metrics = {k: stats.get(k) for k in ("samples_seen", "steps", "loss", "samples_per_s",
                                          "loss_by_sigma_quartile", "data_wait_s", "resumed_from")}

@@ -44,8 +44,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssip import storage
+from ssip.data.dataset import load_trials
+from ssip.data.speech_corpus import load_speech
+from ssip.decode import prior_denoiser
 from ssip.evaluate.frechet import frechet_from_samples
 from ssip.mel import MEL_FLOOR, N_MELS
+from ssip.models.prior import (
+    EDMPrior,
+    denoising_loss,
+    load_prior,
+    random_windows,
+    sigma_quartile_edges,
+)
+from ssip.sampling import edm_sample, trial_generator
 
 #: Default Whisper embedding model (multilingual, 512-d) and a faster, English-only one (384-d).
 DEFAULT_WHISPER = "base"
@@ -180,8 +192,6 @@ def split_halves(mels: Sequence[np.ndarray], seed: int = 0) -> tuple[list[np.nda
 def heldout_windows(mels: Sequence[np.ndarray], n: int, window_frames: int, seed: int) -> np.ndarray:
     """``n`` random windows (n, 80, window_frames) of ``mels``, drawn as the prior's training
     windows are (:func:`ssip.models.prior.random_windows`), reproducibly for a seed."""
-    from ssip.models.prior import random_windows
-
     return random_windows(list(mels), window_frames, n, np.random.default_rng(seed))
 
 
@@ -274,7 +284,7 @@ def bucket_sigmas(sigmas_per_bucket: int = 2, p_mean: float = -1.2, p_std: float
 
 
 def denoising_loss_buckets(
-    model: nn.Module,
+    model: EDMPrior,
     windows: np.ndarray | torch.Tensor,
     *,
     sigmas_per_bucket: int = 2,
@@ -308,8 +318,6 @@ def denoising_loss_buckets(
         edges of :func:`~ssip.models.prior.sigma_quartile_edges`), ``sigmas`` (4 lists) and
         ``loss_per_sigma`` (4 lists).
     """
-    from ssip.models.prior import denoising_loss, sigma_quartile_edges
-
     x0 = torch.as_tensor(np.asarray(windows) if not torch.is_tensor(windows) else windows,
                          dtype=torch.float32)
     if x0.ndim == 3:
@@ -376,9 +384,6 @@ def sample_prior(
     -------
     ndarray, shape (n, 80, window_frames), float32
     """
-    from ssip.decode import prior_denoiser
-    from ssip.sampling import edm_sample, trial_generator
-
     denoiser = prior_denoiser(model)
     device = next(model.parameters()).device
     n_mels = int(getattr(model, "data_mean", torch.zeros(N_MELS)).shape[0])
@@ -459,8 +464,6 @@ def evaluate_prior(
         ``frechet_control`` (mean FD(control, A/B), or None), ``n``, ``window_frames``,
         ``num_steps``, ``embedding``, ``sampling_seconds``, ``seconds``.
     """
-    from ssip.models.prior import load_prior
-
     t0 = time.perf_counter()
     model, manifest = load_prior(prior_dir)
     cfg = manifest.get("config", {})
@@ -482,8 +485,6 @@ def evaluate_prior(
         if got != want:
             raise ValueError(f"reference was computed with {got}; this evaluation asks for "
                              f"{want}: compute a new heldout_reference")
-
-    from ssip.models.prior import random_windows
 
     loss_windows = random_windows(list(heldout_mels), window, n_loss_windows,
                                   np.random.default_rng([seed, 3]))
@@ -552,11 +553,7 @@ def load_heldout_mels(src: str, split: str = "test") -> tuple[list[np.ndarray], 
     description : str
         What was read, for the report.
     """
-    from ssip import storage
-
     if storage.exists(storage.join(src, "manifest.json")):
-        from ssip.data.dataset import load_trials
-
         if split == "train":
             raise ValueError(f"--split train: {src} trains the prior on its train split; score it on "
                              "held-out speech (test or val)")
@@ -566,8 +563,6 @@ def load_heldout_mels(src: str, split: str = "test") -> tuple[list[np.ndarray], 
         mels = [np.asarray(t["mel"], np.float32) for t in trials]
         what = f"ingest {src} split {split}: {len(mels)} trials"
     elif storage.exists(storage.join(src, "card.json")):
-        from ssip.data.speech_corpus import load_speech
-
         rows = load_speech(src)
         if not rows:
             raise ValueError(f"{src}: the speech corpus holds no utterances")

@@ -1,9 +1,10 @@
 """Scoring decoded trials against the ingest dataset, and the report (Markdown + PNG + WAV).
 
-Input: a decoded table (parquet; columns subject, trial_id, method, mel (80, T) tensor) and the
-ingest root it was decoded from (reference mel, audio and transcript per trial). Output, under
-``out``: ``metrics.parquet`` (one row per subject x trial x method), ``summary.csv``,
-``report.md``, ``figures/*.png`` and ``wavs/<method>/<subject>/<trial>.wav``.
+Input: a decoded table (parquet; columns subject, trial_id, method, mel (80, T) tensor: see
+:func:`ssip.data.schema.decoded_table`) and the ingest root it was decoded from (reference mel,
+audio and transcript per trial). Output, under ``out``: ``metrics.parquet`` (one row per
+subject x trial x method), ``summary.csv``, ``report.md``, ``figures/*.png`` and
+``wavs/<method>/<subject>/<trial>.wav``.
 
 The metric functions are pure (:mod:`ssip.evaluate.metrics`); this module does the I/O.
 """
@@ -22,7 +23,8 @@ import pyarrow.parquet as pq
 
 from ssip import storage
 from ssip.config import check_option, field
-from ssip.data.dataset import _tensor_values, load_trials
+from ssip.data.dataset import load_trials
+from ssip.data.schema import tensor_values
 from ssip.evaluate import metrics as M
 from ssip.mel import MEL_FLOOR
 
@@ -54,33 +56,23 @@ def read_decoded(uri: str) -> list[dict]:
     missing = {"subject", "trial_id", "method", "mel"} - set(table.column_names)
     if missing:
         raise ValueError(f"{uri}: decoded table lacks column(s) {sorted(missing)}")
-    mels = _tensor_values(table.column("mel"))
+    mels = tensor_values(table.column("mel"))
     rest = table.drop(["mel"]).to_pylist()
     for r, m in zip(rest, mels, strict=True):
         r["mel"] = np.asarray(m, dtype=np.float32)
     return rest
 
 
-def decoded_table(rows: list[dict]) -> pa.Table:
-    """Build a decoded table from dicts with subject, trial_id, method, mel."""
-    from ssip.data.schema import tensor_column
-
-    return pa.table({
-        "subject": pa.array([r["subject"] for r in rows], pa.string()),
-        "trial_id": pa.array([r["trial_id"] for r in rows], pa.string()),
-        "method": pa.array([r["method"] for r in rows], pa.string()),
-        "mel": tensor_column([r["mel"] for r in rows]),
-    })
-
-
 def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], cfg: EvaluateConfig,
-                 vocoder=None, asr=None) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]]:
-    """Per-trial metrics; returns (rows, vocoded audio by (method, subject/trial_id)).
+                 vocoder=None, asr=None
+                 ) -> tuple[list[dict], dict[tuple[str, str, int], np.ndarray]]:
+    """Per-trial metrics; returns (rows, vocoded audio by (method, subject/trial_id, draw)).
 
     ``asr`` is a callable (list[ndarray audio], language or None) -> list[str], or None to
     skip ASR; a subject's language comes from ``cfg.asr_languages``.
     """
-    rows, audio_out = [], {}
+    rows: list[dict] = []
+    audio_out: dict[tuple[str, str, int], np.ndarray] = {}
     for d in decoded:
         key = (d["subject"], d["trial_id"])
         if key not in references:
@@ -116,7 +108,7 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
     if asr is not None and audio_out:
         keys = [(r["method"], f"{r['subject']}/{r['trial_id']}", int(r["draw"])) for r in rows]
         heard = [k for k in keys if k in audio_out]
-        texts = {}
+        texts: dict[tuple[str, str, int], str] = {}
         for lang in sorted({cfg.asr_languages.get(k[1].split("/", 1)[0]) for k in heard},
                            key=str):
             part = [k for k in heard if cfg.asr_languages.get(k[1].split("/", 1)[0]) == lang]
@@ -124,9 +116,10 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
         for r, k in zip(rows, keys, strict=True):
             t = texts.get(k)
             r["asr"] = t if t is not None else ""
-            ok = bool(r["transcript"]) and t is not None
-            r["wer"] = M.wer(r["transcript"], t) if ok else math.nan
-            r["cer"] = M.cer(r["transcript"], t) if ok else math.nan
+            if r["transcript"] and t is not None:
+                r["wer"], r["cer"] = M.wer(r["transcript"], t), M.cer(r["transcript"], t)
+            else:
+                r["wer"] = r["cer"] = math.nan
         # Closed-set identification within each (subject, method), among the evaluated trials.
         groups = defaultdict(list)
         for i, r in enumerate(rows):
@@ -135,10 +128,10 @@ def score_trials(decoded: list[dict], references: dict[tuple[str, str], dict], c
             cands = {M.normalize_text(rows[i]["transcript"]) for i in idx}
             if len(cands) < 2:
                 continue
-            hits, chance = M.closed_set_identification([rows[i]["asr"] for i in idx],
-                                                       [rows[i]["transcript"] for i in idx])
+            hits, id_chance = M.closed_set_identification([rows[i]["asr"] for i in idx],
+                                                          [rows[i]["transcript"] for i in idx])
             for i, h in zip(idx, hits, strict=True):
-                rows[i]["identified"], rows[i]["identified_chance"] = float(h), chance
+                rows[i]["identified"], rows[i]["identified_chance"] = float(h), id_chance
     return rows, audio_out
 
 
@@ -251,7 +244,7 @@ def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
                 wav_links.append((method, key, rel))
     fig_links = []
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
-    by_trial = defaultdict(dict)
+    by_trial: defaultdict[tuple[str, str], dict[str, np.ndarray]] = defaultdict(dict)
     for d in decoded:
         if d.get("draw", -1) in (-1, 0):
             by_trial[(d["subject"], d["trial_id"])].setdefault(d["method"], d["mel"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 
@@ -47,6 +48,15 @@ from ssip.sampling.edm import (
 )
 
 X0_ESTIMATES = ("tweedie", "ode")
+
+
+class CurvedResidual(Protocol):
+    """A residual (:data:`~ssip.sampling.dps.Residual`) that carries the part of
+    -d^2 log p(y | x0) / dx0^2 known in closed form as its ``curvature``."""
+
+    curvature: torch.Tensor | float
+
+    def __call__(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def gaussian_measurement(y: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None = None
@@ -70,8 +80,9 @@ def gaussian_measurement(y: torch.Tensor, sigma: torch.Tensor, mask: torch.Tenso
     def residual(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (y.to(x0.dtype) - x0) / sigma.to(x0.dtype), r_mask
 
-    residual.curvature = 1.0 / sigma.double() ** 2  # -d^2 log p / dx0^2, known exactly
-    return residual
+    curved = cast(CurvedResidual, residual)
+    curved.curvature = 1.0 / sigma.double() ** 2  # -d^2 log p / dx0^2, known exactly
+    return curved
 
 
 def stack_residuals(residuals: Sequence[Residual], weights: Sequence[float]) -> Residual:
@@ -90,10 +101,10 @@ def stack_residuals(residuals: Sequence[Residual], weights: Sequence[float]) -> 
             parts.append(math.sqrt(w) * r.flatten(1))
         return torch.cat(parts, dim=1), None
 
-    known = [w * res.curvature for res, w in zip(residuals, weights, strict=True)
-             if getattr(res, "curvature", None) is not None]
+    known = [w * c for res, w in zip(residuals, weights, strict=True)
+             if (c := getattr(res, "curvature", None)) is not None]
     if known:
-        residual.curvature = sum(known)
+        cast(CurvedResidual, residual).curvature = sum(known)
     return residual
 
 
@@ -139,7 +150,7 @@ def daps_sample(
     Parameters
     ----------
     denoiser, residual, shape_or_latents, generators
-        As in :func:`ssip.sampling.dps.dps_edm`; ``residual(x0) -> (r, r_mask)`` is whitened
+        As in :func:`ssip.sampling.guided.dps_edm`; ``residual(x0) -> (r, r_mask)`` is whitened
         per trial (``None`` residual is not allowed: use ``edm_sample`` for the prior).
     num_levels : int
         Annealing levels t_0 = sigma_max > ... > t_{N-1} = sigma_min (Karras schedule with

@@ -5,9 +5,10 @@ Guidance`): at each step the denoiser runs at (x_hat, t_hat) with x_hat requirin
 D_x and g_b = grad_{x_hat} ||r_b(D_x)|| (non-squared norm, Alg. 1 line 7), and the rule turns
 (||r_b||, g_b) into a correction of x_{i+1}. This module holds the pieces every rule shares
 (:func:`residual_norm_grad`, :func:`dps_gradient`, :func:`check_guidance_rule`), the production
-rule :func:`gaussian_score`, :func:`make_guidance` / :func:`dps_edm` that pick a rule by keyword,
-and :func:`posterior_draws`. The reference rules (zeta, xi) and the DDPM ancestral sampler are in
-:mod:`ssip.sampling.reference`.
+rule :func:`gaussian_score` and :func:`posterior_draws`. The reference rules (zeta, xi) and the
+DDPM ancestral sampler are in :mod:`ssip.sampling.reference`, both built on this module;
+:mod:`ssip.sampling.guided` picks a rule by keyword (:func:`~ssip.sampling.guided.make_guidance`,
+:func:`~ssip.sampling.guided.dps_edm`).
 
 A new likelihood (e.g. one whitened by a full noise covariance) is a new ``residual`` for the same
 rules. A sampler that is not "Euler/Heun step + correction" (e.g. DAPS's decoupled sampler, which
@@ -37,11 +38,9 @@ import torch
 
 from ssip.sampling.edm import (
     Denoise,
-    Denoiser,
     Guidance,
     Guided,
     StepContext,
-    edm_sample,
     fill_padding,
 )
 
@@ -61,8 +60,8 @@ def check_guidance_rule(
 ) -> str:
     """Validate a choice of guidance rule; return the name of the one chosen.
 
-    The one place where a rule is checked: :func:`make_guidance`, the rule factories, the
-    ancestral reference and :class:`ssip.decode.DecodeConfig` all call it.
+    The one place where a rule is checked: :func:`~ssip.sampling.guided.make_guidance`, the rule
+    factories, the ancestral reference and :class:`ssip.decode.DecodeConfig` all call it.
 
     Parameters
     ----------
@@ -83,15 +82,14 @@ def check_guidance_rule(
     unknown = sorted(set(rules) - set(GUIDANCE_RULES))
     if unknown or not rules:
         raise ValueError(f"unknown guidance rule(s) {unknown}; known: {list(GUIDANCE_RULES)}")
-    chosen = [name for name, v in rules.items() if v is not None]
+    chosen = {name: v for name, v in rules.items() if v is not None}
     if len(chosen) != 1:
         offered = [f"{name} ({GUIDANCE_RULES[name]})" for name in rules]
         offer = offered[0] if len(offered) == 1 else f"{', '.join(offered[:-1])} or {offered[-1]}"
         got = ", ".join(f"{name}={v}" for name, v in rules.items())
         raise ValueError(f"give exactly one of {offer}, got {got}: set the others to None "
                          f"(null in a config)")
-    (rule,) = chosen
-    step = rules[rule]
+    ((rule, step),) = chosen.items()
     if not (math.isfinite(step) and step >= 0):
         raise ValueError(f"{rule}={step!r}: the guidance step size must be finite and >= 0")
     if not (math.isfinite(inflation) and inflation >= 0):
@@ -183,77 +181,6 @@ def gaussian_score(
     return guidance
 
 
-def make_guidance(
-    residual: Residual,
-    *,
-    zeta: float | None = None,
-    xi: float | None = None,
-    weight: float | None = None,
-    inflation: float = 0.0,
-    sigma_data: float = 0.5,
-) -> Guidance:
-    """The guidance callable of the one rule given: ``weight`` (:func:`gaussian_score`), ``xi``
-    (:func:`~ssip.sampling.reference.normalised_step`) or ``zeta``
-    (:func:`~ssip.sampling.reference.constant_step`)."""
-    rule = check_guidance_rule({"zeta": zeta, "xi": xi, "weight": weight}, inflation)
-    if rule == "weight":
-        return gaussian_score(residual, weight, inflation=inflation, sigma_data=sigma_data)
-    from ssip.sampling import reference  # the reference rules build on this module
-
-    if rule == "xi":
-        return reference.normalised_step(residual, xi)
-    return reference.constant_step(residual, zeta)
-
-
-def dps_edm(
-    denoiser: Denoiser,
-    residual: Residual,
-    shape_or_latents: Sequence[int] | torch.Tensor,
-    generators: Sequence[torch.Generator],
-    *,
-    zeta: float | None = None,
-    xi: float | None = None,
-    weight: float | None = None,
-    inflation: float = 0.0,
-    sigma_data: float = 0.5,
-    num_steps: int = 50,
-    **sampler_kwargs,
-) -> torch.Tensor:
-    """DPS on the EDM sampler: :func:`~ssip.sampling.edm.edm_sample` guided by one rule.
-
-    At step i the denoiser runs at (x_hat, t_hat) with x_hat requiring grad, giving D_x and
-    g_b = grad_{x_hat} ||r_b(D_x)|| (Chung et al. 2023, Alg. 1, non-squared norm); after the
-    Euler (or Heun) update to x_next the rule's correction is added: -zeta g_b (constant step),
-    CQT-Diff's normalised step (xi), or the Gaussian likelihood's score (weight); see
-    :func:`gaussian_score` and :mod:`ssip.sampling.reference`.
-
-    Parameters
-    ----------
-    denoiser, residual, shape_or_latents, generators
-        As in :func:`~ssip.sampling.edm.edm_sample`; ``residual(x0_hat) -> (r, r_mask)`` is the
-        whitened per-trial residual (module doc).
-    zeta, xi, weight : float
-        Exactly one: constant step on the non-squared norm, CQT-Diff's normalised step
-        (DESIGN.md: xi about 0.1-0.3 was robust with ~50 steps; retune on any sampler change),
-        or the Gaussian likelihood score's weight (1 = calibrated).
-    inflation, sigma_data : float
-        With ``weight``: the PiGDM-style down-weighting at high noise (0 = none) and the data
-        std it assumes.
-    num_steps, **sampler_kwargs
-        :func:`~ssip.sampling.edm.edm_sample`'s schedule, churn, ``heun``, ``guide_steps``,
-        ``frame_mask``, ``pad_value``, ``device`` and ``callback``.
-
-    Returns
-    -------
-    torch.Tensor, shape (B, *S), float32
-        One posterior sample per item; padded frames hold ``pad_value``.
-    """
-    guidance = make_guidance(residual, zeta=zeta, xi=xi, weight=weight, inflation=inflation,
-                             sigma_data=sigma_data)
-    return edm_sample(denoiser, shape_or_latents, generators, num_steps=num_steps,
-                      guidance=guidance, **sampler_kwargs)
-
-
 class PosteriorDraws(NamedTuple):
     """K posterior samples per trial and their pointwise summary."""
 
@@ -286,7 +213,8 @@ def posterior_draws(
     Parameters
     ----------
     sampler : callable
-        E.g. ``functools.partial(dps_edm, denoiser, residual, xi=0.2)``; called as
+        E.g. ``functools.partial(dps_edm, denoiser, residual, xi=0.2)``
+        (:func:`ssip.sampling.guided.dps_edm`); called as
         ``sampler(shape_or_latents=(B * k, *S), generators=[...], **sampler_kwargs)``. With
         k > 1 whatever it holds per item (residual, frame mask) must repeat each trial k times
         in a row (``repeat_interleave``), k = len(generators) // B.

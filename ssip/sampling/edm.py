@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 
@@ -48,19 +48,27 @@ class NonFiniteSampleError(FloatingPointError):
 # Preconditioning (Karras et al. 2022, Table 1): D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
 
 
-def c_skip(sigma: torch.Tensor | float, sigma_data: float) -> torch.Tensor | float:
+def c_skip(sigma: torch.Tensor | float, sigma_data: float | torch.Tensor) -> torch.Tensor | float:
     """Skip weight sigma_data^2 / (sigma^2 + sigma_data^2)."""
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
-def c_out(sigma: torch.Tensor | float, sigma_data: float) -> torch.Tensor | float:
+def c_out(sigma: torch.Tensor | float, sigma_data: float | torch.Tensor) -> torch.Tensor | float:
     """Output scale sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)."""
     return sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
 
 
-def c_in(sigma: torch.Tensor | float, sigma_data: float) -> torch.Tensor | float:
+def c_in(sigma: torch.Tensor | float, sigma_data: float | torch.Tensor) -> torch.Tensor | float:
     """Input scale 1 / sqrt(sigma^2 + sigma_data^2)."""
     return 1.0 / (sigma**2 + sigma_data**2) ** 0.5
+
+
+@overload
+def c_noise(sigma: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def c_noise(sigma: float) -> float: ...
 
 
 def c_noise(sigma: torch.Tensor | float) -> torch.Tensor | float:

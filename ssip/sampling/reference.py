@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 
@@ -97,6 +98,14 @@ def ddpm_alpha_bars(
     """Cumulative alpha_bar_t = prod_{s<=t} (1 - beta_s) of the linear DDPM schedule, float64."""
     betas = torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+@overload
+def vp_sigma(alpha_bar: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def vp_sigma(alpha_bar: float) -> float: ...
 
 
 def vp_sigma(alpha_bar: torch.Tensor | float) -> torch.Tensor | float:
@@ -210,6 +219,8 @@ def dps_ancestral(
             elif zeta is not None:
                 x = x - zeta * grad
             else:
+                # check_guidance_rule: without zeta, weight is given; dps_gradient gave norm.
+                assert weight is not None and norm is not None
                 w = weight / (1.0 + inflation * posterior_variance(sigma_t, sigma_data))
                 sq_grad = norm.reshape(-1, *([1] * (grad.ndim - 1))) * grad
                 x = x - beta_t / math.sqrt(1.0 - beta_t) * w * sq_grad
