@@ -4,7 +4,7 @@ Runs (or resumes) ``ssip pipeline ROOT --config CONFIG`` (default: the embedded 
 configs/pipeline-quality.yaml) and prints, per subject and pooled, the mean over test trials of
 mel PCC, STOI and ASR WER for
 
-- ``dps``: the DPS posterior mean (the estimate to score with PCC/STOI, DESIGN.md section 4),
+- ``dps``: the DPS posterior mean (the estimate to score with PCC/STOI, docs/method.md, Decoding),
 - ``dps (draw)``: single posterior draws,
 - ``linear`` (Verwoert et al.), ``nn`` (the regression net): the direct decoders to beat,
 - ``prior``: unconditional samples (no neural data),

@@ -5,7 +5,7 @@ submitted to: the subject's train trials stream through Ray Data into N Ray Trai
 DeepSpeed. Options: --config (LikelihoodConfig YAML) and --set k=v; --ray-config (RayTrainConfig
 YAML) and --ray-set k=v; --storage-path (local or s3://) and --name: submitting again with the
 same name resumes from the newest checkpoint. Both configs are printed; --dry-run stops there.
-Several subjects train as parallel jobs: submit one per subject (README, "Distributed training").
+Several subjects train as parallel jobs: submit one per subject (docs/distributed.md, "Training on Ray Train + DeepSpeed").
 Without --workers it trains in the driver process.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages ssip needs (DESIGN.md section 5): ffmpeg decodes the G.722 and GSM prompts; the
+# System packages ssip needs (docs/method.md, Assets that ship in packages): ffmpeg decodes the G.722 and GSM prompts; the
 # Debian speech packages are the real speech of the simulated corpus and of the default prior
 # corpus (asterisk core sounds in five languages, asterisk voice prompts, pocketsphinx test data);
 # flite and espeak-ng synthesise more voices; g++ and ninja build DeepSpeed's CPU ops.

@@ -5,7 +5,7 @@ One row per (subject, trial, method, draw) with the decoded mel (80, T) cropped 
 
 - ``"dps"``: Diffusion Posterior Sampling (Chung et al., ICLR 2023) with the EDM prior and the
   subject's likelihood (:func:`ssip.sampling.dps_edm`), draws k = 0..K-1 and their pointwise
-  mean as draw = -1 (the estimate to score with mel PCC / STOI, DESIGN.md section 4). By
+  mean as draw = -1 (the estimate to score with mel PCC / STOI, docs/method.md, Decoding). By
   default the guidance is the Gaussian likelihood's own score (``weight`` 1): the likelihood's
   sigma is the noise's long-run std (:func:`ssip.models.likelihood.variance_inflation`), so the
   prior and the neural evidence are weighed as the model says, with no step size to tune.
@@ -78,7 +78,7 @@ class DecodeConfig:
                                     "need fitted baselines")
     n_draws: int = field(4, help="posterior draws per trial and sampled method; >= 16 is "
                                  "recommended when scoring the posterior mean with mel PCC / "
-                                 "STOI (DESIGN.md section 4: the mean of 16 beat ridge)")
+                                 "STOI (docs/method.md, Decoding: the mean of 16 beat ridge)")
     control_draws: int | None = field(None, help="draws per trial for the 'prior' and "
                                                  "'dps-shuffled' controls (null = n_draws); a "
                                                  "control only has to show chance, so fewer "
@@ -240,6 +240,19 @@ class DecodeConfig:
         if self.precision != "auto":
             return self.precision
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+    def needs_likelihood(self) -> bool:
+        """Whether decoding needs the subject's likelihood (a guided method with 'encoding')."""
+        return any(m in ("dps", "dps-shuffled") for m in self.methods) and \
+            "encoding" in self.evidence
+
+    def needs_baselines(self) -> list[str]:
+        """The fitted baselines decoding needs: those in methods, and 'nn' for evidence 'nn'."""
+        out = [m for m in self.methods if m in BASELINE_METHODS]
+        guided = any(m in ("dps", "dps-shuffled") for m in self.methods)
+        if guided and "nn" in self.evidence and "nn" not in out:
+            out.append("nn")
+        return out
 
     def weights(self) -> list[float]:
         """The exponent of each evidence term (``evidence_weights``, default 1 each)."""

@@ -30,7 +30,7 @@ from ssip.config import ConfigError, check_option, check_range, config_hash, fie
 from ssip.data.default_speech import DEFAULT_WEIGHTS, DefaultSpeechConfig
 from ssip.data.ingest import EXIT_NOTHING_LANDED, EXIT_SOME_FAILED, IngestConfig
 from ssip.data.simulate import CorpusConfig
-from ssip.decode import BASELINE_METHODS, DecodeConfig
+from ssip.decode import DecodeConfig
 from ssip.evaluate.report import EvaluateConfig
 from ssip.models.baselines import LinearDecoderConfig, NNDecoderConfig
 from ssip.models.likelihood import LikelihoodConfig
@@ -104,7 +104,8 @@ class Step:
 
 
 def _baseline_kinds(cfg: PipelineConfig) -> list[str]:
-    return [m for m in cfg.decode.methods if m in BASELINE_METHODS]
+    """Baselines to train: the baseline methods, and nn when it is DPS evidence."""
+    return cfg.decode.needs_baselines()
 
 
 def _write_config(root: str, stage: str, section) -> str:

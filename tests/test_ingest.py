@@ -21,7 +21,7 @@ from ssip import storage
 from ssip.data.ingest import IngestConfig, process_recording
 from ssip.data.readers import RecordingError, read_flinker, read_nwb
 
-# The numbers the round-trip tests hold the pipeline to (measured: see the note in README).
+# The numbers the round-trip tests hold the pipeline to (measured: see docs/results.md, Ingest round trip).
 # At snr_db=10 both paths measured 0.83; the default corpus (-6 dB) gives 0.2-0.3 per electrode.
 MIN_ENVELOPE_R_NWB = 0.75
 MIN_ENVELOPE_R_FLINKER = 0.75

@@ -40,6 +40,23 @@ def test_id_and_synthetic_text_leaks():
         ("asterisk-en/elsewhere", "id"), ("flite/rms/asterisk-en/elsewhere", "synthetic-text")]
 
 
+def test_every_prompt_of_a_phrase_trial_is_held_out():
+    """A phrase trial (the simulator's phrase_fraction) speaks several prompts: utt_id a+b+c.
+    Each of them is an evaluated utterance and a leak when the corpus holds it."""
+    from ssip.data.leakage import PHRASE_JOIN, utterance_ids
+
+    phrase = PHRASE_JOIN.join(["asterisk-en/a", "asterisk-en/b", "asterisk-en/c"])
+    assert utterance_ids(phrase) == ["asterisk-en/a", "asterisk-en/b", "asterisk-en/c"]
+    assert utterance_ids("") == [] and utterance_ids("asterisk-en/a") == ["asterisk-en/a"]
+    ev = [{"trial_id": "t3", "utt_id": phrase, "segment": np.zeros((80, 7))}]
+    rows = [{"utt_id": "asterisk-en/b", "mel": np.ones((80, 50))},
+            {"utt_id": "flite/rms/asterisk-en/c", "mel": np.ones((80, 60))},
+            {"utt_id": "asterisk-en/d", "mel": np.ones((80, 60))}]
+    leaks = find_leaks(ev, rows)
+    assert [(x["trial_id"], x["corpus_utt_id"], x["how"]) for x in leaks] == [
+        ("t3", "asterisk-en/b", "id"), ("t3", "flite/rms/asterisk-en/c", "synthetic-text")]
+
+
 def test_speech_segment_cuts_the_speech_out_of_the_window():
     mel = np.arange(80 * 300, dtype=np.float32).reshape(80, 300)
     t = {"mel": mel, "onset_s": 10.0, "speech_onset_s": 10.5, "speech_duration_s": 1.2,

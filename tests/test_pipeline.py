@@ -112,6 +112,15 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     assert plan(cfg, str(tmp_path))[0].argv[:2] == ["ingest", "/data/bids"]
 
 
+def test_nn_evidence_trains_the_nn_baseline_even_when_it_is_not_a_method(tmp_path):
+    cfg = resolve(PipelineConfig, None, ["decode.methods=[dps]", "decode.sampler=daps",
+                                         "decode.evidence=[encoding, nn]",
+                                         "decode.evidence_weights=[0.5, 0.5]"])
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    assert [s.name for s in steps][-4:] == ["likelihood s1", "baseline nn s1", "decode", "evaluate"]
+    assert "--baselines-root" in steps[-2].argv
+
+
 def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
     root = str(tmp_path / "run")
     cfg = PipelineConfig()

@@ -127,7 +127,7 @@ def test_resynthesis_of_real_speech_is_intelligible(name, threshold, clip, hifig
     vocoder = hifigan if name == "hifigan" else V.get_vocoder(name)
     out = vocoder(mel)[0].numpy()
     score = stoi(audio, out)
-    # Measured here: GL 0.96, HiFi-GAN 0.91; this unrelated clip 0.15 (DESIGN: about 0.38).
+    # Measured here: GL 0.96, HiFi-GAN 0.91; this unrelated clip 0.15 (docs/method.md: about 0.38).
     other = normalize_loudness(speech_clips[4])[: len(out)]
     unrelated = stoi(other, out[: len(other)])
     print(f"{name}: STOI {score:.3f}, against an unrelated clip {unrelated:.3f}")

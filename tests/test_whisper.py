@@ -221,7 +221,7 @@ def test_mapping_errors_name_the_tensor(edit, message):
 
 
 def test_tiny_en_prompt_matches_design(tiny):
-    # DESIGN.md section 5: the greedy ASR prompt of tiny.en.
+    # docs/method.md (Whisper and the vocoders): the greedy ASR prompt of tiny.en.
     assert (tiny[2].prompt, tiny[2].eot, tiny[2].multilingual) == ((50257, 50362), 50256, False)
     assert (tiny[2].encoder_layers, tiny[2].d_model) == (4, 384)
 
@@ -306,7 +306,7 @@ def test_tiny_en_encoder_matches_ctranslate2(tiny):
 
 @pytest.mark.slow
 def test_base_encoder_matches_ctranslate2(base):
-    # DESIGN.md section 5: the greedy ASR prompt of base.
+    # docs/method.md (Whisper and the vocoders): the greedy ASR prompt of base.
     assert (base[2].prompt, base[2].eot, base[2].multilingual) == (
         (50258, 50259, 50359, 50363), 50257, True)
     assert (base[2].encoder_layers, base[2].d_model) == (6, 512)
@@ -477,7 +477,7 @@ def test_tiny_en_greedy_asr_wer(tiny):
 
 @pytest.mark.slow
 def test_ssip_mels_transcribe_as_well_as_whisper_features(tiny):
-    """DESIGN.md section 3: ssip's fixed floor must not cost ASR accuracy against Whisper's
+    """docs/method.md (The mel): ssip's fixed floor must not cost ASR accuracy against Whisper's
     per-clip (max - 8) floor. Measured WER with tiny.en: 0.076 on ssip mels, 0.054 on Whisper's
     features (one word: "clopes" for "clubs"); with base both 0.054."""
     from transformers import WhisperFeatureExtractor

@@ -62,7 +62,7 @@ def _decode(args) -> int:
     from ssip import storage
     from ssip.data.dataset import load_trials
     from ssip.data.schema import decoded_rows_table
-    from ssip.decode import BASELINE_METHODS, DecodeConfig, decode_trials
+    from ssip.decode import DecodeConfig, decode_trials
     from ssip.models.baselines import load_baseline
     from ssip.models.likelihood import load_likelihood
     from ssip.models.prior import load_prior
@@ -84,12 +84,12 @@ def _decode(args) -> int:
     if cfg is None:
         return 0
     guided = [m for m in cfg.methods if m in ("dps", "dps-shuffled")]
-    wanted = [m for m in cfg.methods if m in BASELINE_METHODS]
-    if guided and not args.likelihood_root:
+    wanted = cfg.needs_baselines()  # the baseline methods, and nn for evidence [nn]
+    if cfg.needs_likelihood() and not args.likelihood_root:
         raise ValueError(f"methods {guided} need --likelihood-root (or --set "
                          f"methods=[prior,...] without them)")
     if wanted and not args.baselines_root:
-        raise ValueError(f"methods {wanted} need --baselines-root (or drop them: --set "
+        raise ValueError(f"methods/evidence {wanted} need --baselines-root (or drop them: --set "
                          f"methods=[dps,prior,dps-shuffled])")
     if args.max_trials < 0:
         raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
@@ -110,7 +110,7 @@ def _decode(args) -> int:
     rows: list[dict] = []
     for subject, trials in sorted(by_subject.items()):
         likelihood = None
-        if guided:
+        if cfg.needs_likelihood():
             likelihood, manifest = load_likelihood(storage.join(args.likelihood_root, subject))
             if manifest.get("subject") not in (None, subject):
                 raise ValueError(f"{storage.join(args.likelihood_root, subject)}: likelihood of "

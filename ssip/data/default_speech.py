@@ -1,7 +1,7 @@
 """The embedded default speech corpus of the prior: many voices and languages, from Debian only.
 
 Nothing is downloaded: every source is a Debian package that scripts/system_deps.sh installs or
-unpacks (DESIGN.md section 5), or speech synthesised here with flite and espeak-ng.
+unpacks (docs/method.md, Assets that ship in packages), or speech synthesised here with flite and espeak-ng.
 
 Sources (``DEFAULT_WEIGHTS``: each one's share of the prior's training windows, what ``ssip
 pipeline`` gives ``prior.source_weights`` when the prior trains on this corpus and none are set)

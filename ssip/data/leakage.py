@@ -65,7 +65,7 @@ def find_leaks(evaluated: Sequence[dict], corpus: Iterable[dict], *, frame_toler
         One per leak: ``trial_id``, ``utt_id``, ``corpus_utt_id``, ``how`` (``id``,
         ``synthetic-text`` or ``content``) and ``correlation`` (content matches).
     """
-    ev_ids = {e["utt_id"]: e["trial_id"] for e in evaluated if e.get("utt_id")}
+    ev_ids = {part: e["trial_id"] for e in evaluated for part in utterance_ids(e.get("utt_id", ""))}
     by_len: dict[int, list[dict]] = {}
     for e in evaluated:
         by_len.setdefault(int(e["segment"].shape[1]), []).append(e)
@@ -97,9 +97,17 @@ def evaluated_utterances(ingest_root: str, splits: Sequence[str] = HELD_OUT_SPLI
     ids: set[str] = set()
     for split in splits:
         for t in load_trials(ingest_root, split=split, columns=["schema_version", "utt_id"]):
-            if t["utt_id"]:
-                ids.add(t["utt_id"])
+            ids.update(utterance_ids(t["utt_id"]))
     return ids
+
+
+#: Joins the utterance ids of a phrase trial (several prompts spoken as one trial).
+PHRASE_JOIN = "+"
+
+
+def utterance_ids(utt_id: str) -> list[str]:
+    """The utterances a trial speaks: its id, or each prompt of a phrase (``a+b+c``)."""
+    return [u for u in (utt_id or "").split(PHRASE_JOIN) if u]
 
 
 def check_leakage(ingest_root: str, speech_root: str, splits: Sequence[str] = HELD_OUT_SPLITS,

@@ -1,6 +1,6 @@
 """Readers for recorded speech datasets, each giving one :class:`Recording`.
 
-Formats (DESIGN.md section 6):
+Formats (docs/data.md, Public datasets):
 
 - iBIDS NWB (Verwoert et al. 2022, SingleWordProductionDutch): ``sub-XX_task-*_ieeg.nwb`` with
   acquisitions ``iEEG`` (samples x channels; absolute clock ``timestamps`` or a ``rate``) and

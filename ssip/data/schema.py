@@ -2,7 +2,7 @@
 
 Arrays are stored as Ray Data's variable-shape tensor extension (one tensor per row, each with
 its own shape), not nested lists: nested lists come back from Ray Data as object arrays of
-arrays, tensors come back as ndarrays (DESIGN.md section 7). The extension is written here with
+arrays, tensors come back as ndarrays (docs/data.md, Output layout and schema). The extension is written here with
 pyarrow alone (:func:`tensor_column`: the bytes Ray's ``ArrowVariableShapedTensorArray`` writes,
 the same extension name and metadata), so that this layer never imports Ray; readers without Ray
 see the extension's storage (a struct of flat data and shape), which :func:`tensor_values`

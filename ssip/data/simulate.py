@@ -120,9 +120,8 @@ zeros, ``MEL_FLOOR``) instead of fixation gaps. A phrase is ONE trial: ``utt_id`
 ids joined by ``+``, ``transcript`` their transcripts joined by a space, its extent from the
 first prompt's start to the last prompt's end. The grouping has its own random stream and the
 pauses take the places of the gaps' draws, so the electrodes of a subject do not change.
-Caveat: :mod:`ssip.data.leakage` and the default speech corpus's ``--exclude-from`` match
-utterance ids exactly, so they do not see the prompts inside a phrase id (split on
-:data:`PHRASE_JOIN` before relying on them); ``phrase_fraction`` is therefore 0 by default.
+:mod:`ssip.data.leakage` (and so the default speech corpus's ``--exclude-from``) splits a phrase
+id into its prompts (:func:`ssip.data.leakage.utterance_ids`), so none of them reaches the prior.
 
 Randomness: one numpy Generator per (seed, subject) for the subject's draws and one per
 (seed, subject, electrode) for that electrode's noise, so a build is deterministic for a config
@@ -147,6 +146,7 @@ import scipy.signal
 
 from ssip import mel as melmod
 from ssip.config import ConfigError, check_option, check_range, config_hash, field, to_dict
+from ssip.data.leakage import PHRASE_JOIN  # a phrase trial's utt_id joins its prompts' ids
 from ssip.data.speech import Utterance, read_source
 
 #: The SNR is defined in this band (Hz), the high-gamma band of the features.
@@ -170,8 +170,6 @@ _STREAM_DEAL, _STREAM_SUBJECT, _STREAM_ELECTRODE, _STREAM_SHARED, _STREAM_PHRASE
 FAMILIES = ["spectral", "mixed"]
 #: Longest neural lead of each family when ``lead_ms_max`` is None, ms.
 FAMILY_LEAD_MS_MAX = {"spectral": 200.0, "mixed": 300.0}
-#: A phrase trial's utt_id joins its prompts' ids with this.
-PHRASE_JOIN = "+"
 #: Pause between the prompts of a phrase, s (drawn uniformly, rounded to whole frames).
 PHRASE_PAUSE_S = (0.05, 0.15)
 #: Prompts per phrase (inclusive).

@@ -1,6 +1,6 @@
 """Readers for the real speech that ships in Debian packages: asterisk prompts and pocketsphinx tests.
 
-Two sources, both read-only, both 16 kHz mono (see DESIGN.md section 5):
+Two sources, both read-only, both 16 kHz mono (see docs/method.md, Assets that ship in packages):
 
 - ``asterisk-en``: the English core sounds of Asterisk (package asterisk-core-sounds-en-g722),
   one female speaker (Allison Smith), CC-BY-SA-3.0. Audio is G.722 decoded with ffmpeg;
@@ -49,7 +49,7 @@ def debian_unpack_root() -> Path:
 
 @dataclass(frozen=True)
 class DebianVoice:
-    """One speaker's prompt set in a Debian package (DESIGN.md section 5).
+    """One speaker's prompt set in a Debian package (docs/method.md, Assets that ship in packages).
 
     ``sounds_dir`` is absolute, or relative to :func:`debian_unpack_root` for the packages that
     system_deps.sh unpacks instead of installing. ``transcripts`` is None for packages that ship

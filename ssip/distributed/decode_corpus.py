@@ -54,7 +54,7 @@ from ssip import storage
 from ssip.config import check_range, field, from_dict
 from ssip.data.dataset import trial_files
 from ssip.data.schema import decoded_rows_table, tensor_values
-from ssip.decode import BASELINE_METHODS, DecodeConfig, decode_trials, padded_length
+from ssip.decode import DecodeConfig, decode_trials, padded_length
 from ssip.distributed.metrics import make as make_metric
 from ssip.distributed.runtime import init_ray
 from ssip.models.baselines import load_baseline
@@ -207,17 +207,15 @@ class DecodeActor:
         """(likelihood or None, baselines, error) of a subject, loaded once."""
         if subject in self.models:
             return self.models[subject]
-        methods = self.cfg.methods
         likelihood, baselines, error = None, {}, None
         try:
-            if any(m in ("dps", "dps-shuffled") for m in methods):
+            if self.cfg.needs_likelihood():
                 where = storage.join(self.likelihood_root, subject)
                 likelihood, manifest = load_likelihood(where, device=self.device)
                 if manifest.get("subject") not in (None, subject):
                     raise ValueError(f"{where}: likelihood of subject {manifest.get('subject')!r}")
-            for m in methods:
-                if m in BASELINE_METHODS:
-                    baselines[m] = load_baseline(storage.join(self.baselines_root, subject, m))
+            for m in self.cfg.needs_baselines():  # baseline methods, and nn for evidence [nn]
+                baselines[m] = load_baseline(storage.join(self.baselines_root, subject, m))
         except Exception as e:
             error = f"checkpoint of subject {subject!r} unusable: {type(e).__name__}: {e}"[:500]
             log.error("decode: %s", error)

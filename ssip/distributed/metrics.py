@@ -3,7 +3,7 @@
 Each Ray node's metrics agent serves them to Prometheus at the node's metrics export port
 (``ray start --metrics-export-port=8080``) as ``ray_<name>``; a counter also as
 ``ray_<name>_total``. Ray adds its own labels (``SessionName``, ``NodeAddress``, ``WorkerId``, ...).
-cluster/grafana/ssip-dashboard.json plots them; README "Observability" lists them.
+cluster/grafana/ssip-dashboard.json plots them; docs/distributed.md "Observability" lists them.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ the subject's likelihood from ``LIKELIHOOD_ROOT/<subject>``, the same DecodeConf
 subject's preset overrides), draws seeded by (seed, "<subject>/<trial_id>", k); a trial sent
 with its trial id decodes to the bulk decoder's mel for it. Valid requests queue into
 ``@serve.batch`` (``max_batch_size``, ``batch_wait_timeout_s``; ``max_ongoing_requests`` must be
-at least the batch size, DESIGN.md section 7), are grouped by subject and draw count, and each
+at least the batch size, docs/method.md, The stack and its traps), are grouped by subject and draw count, and each
 group is one ``decode_trials`` call, run in a worker thread so the replica keeps accepting
 requests while it samples.
 

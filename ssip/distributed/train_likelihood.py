@@ -35,7 +35,7 @@ Training (:func:`likelihood_worker_loop`)
 
 Several subjects train as parallel jobs: one ``ray job submit -- python
 jobs/train_likelihood.py INGEST OUT/<subject> --subject <subject> --workers N`` per subject
-(README, "Distributed training"); the cluster schedules them side by side.
+(docs/distributed.md, "Training on Ray Train + DeepSpeed"); the cluster schedules them side by side.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Mel metrics take ssip log-mels (see ``ssip.mel``): arrays of shape (80, T), valu
 - :func:`wer` / :func:`cer`: word / character error rate via ``jiwer`` after
   :func:`normalize_text`.
 - :func:`chance_level`: any mel metric against a time-shifted copy of the decoded mel.
-- :func:`closed_set_identification`: DESIGN.md section 4's closed-set score.
+- :func:`closed_set_identification`: the closed-set score of docs/method.md (Metrics and the report).
 
 A metric that cannot be computed returns NaN, and the ``*_with_reason`` variants say why; no
 metric returns a made-up number.
@@ -435,7 +435,7 @@ def chance_level(
 def closed_set_identification(
     asr_outputs: Sequence[str], transcripts: Sequence[str]
 ) -> tuple[np.ndarray, float]:
-    """Closed-set identification of trials from ASR output (DESIGN.md section 4).
+    """Closed-set identification of trials from ASR output (docs/method.md, Metrics and the report).
 
     The candidates are the distinct (normalised) transcripts of the evaluated trials. A trial is
     identified when the candidate nearest to its ASR output in character edit distance

@@ -9,7 +9,7 @@ A sees mel context on both sides, mostly in the future of each neural frame.
 Two forward models share one temporal head (:class:`TemporalHead`: 1-D conv over
 ``kernel`` frames reaching ``lookahead`` frames into the future, then a per-electrode output):
 
-- :class:`WhisperLikelihood` (DESIGN.md section 4): a frozen pretrained Whisper encoder on the
+- :class:`WhisperLikelihood` (docs/method.md, The likelihood): a frozen pretrained Whisper encoder on the
   mel window WITHOUT padding to 30 s, tapped at ``layer`` (50 Hz), upsampled to 100 Hz, then the
   head. Optionally the last ``train_last_layers`` encoder layers up to the tap are trained.
 - :class:`ConvLikelihood`: the head directly on the standardised mel (the alternative).

@@ -69,7 +69,7 @@ def dps_edm(
         whitened per-trial residual (:mod:`ssip.sampling.dps`).
     zeta, xi, weight : float
         Exactly one: constant step on the non-squared norm, CQT-Diff's normalised step
-        (DESIGN.md: xi about 0.1-0.3 was robust with ~50 steps; retune on any sampler change),
+        (docs/method.md: xi about 0.1-0.3 was robust with ~50 steps; retune on any sampler change),
         or the Gaussian likelihood score's weight (1 = calibrated).
     inflation, sigma_data : float
         With ``weight``: the PiGDM-style down-weighting at high noise (0 = none) and the data

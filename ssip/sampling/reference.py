@@ -68,7 +68,7 @@ def normalised_step(residual: Residual, xi: float) -> Guidance:
     of x_{i+1} is -(t_hat - t_next) * t_hat * s_b * g_b, i.e. a move of RMS xi * (t_hat - t_next)
     per element whatever the gradient's scale. L_b counts the real elements of item b. For Euler
     steps this equals CQT-Diff's guided score; with Heun the guidance is applied once per step
-    (CQT-Diff also guides the second evaluation). DESIGN.md: xi about 0.1-0.3 was robust with
+    (CQT-Diff also guides the second evaluation). docs/method.md: xi about 0.1-0.3 was robust with
     ~50 steps; retune on any sampler change.
     """
     check_guidance_rule({"xi": xi})
