@@ -30,6 +30,7 @@ Pure library code: no Ray, no file I/O (the commands load checkpoints and write 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -378,23 +379,27 @@ def _likelihood_forward(likelihood: torch.nn.Module, cfg: DecodeConfig):
 
 @contextlib.contextmanager
 def whisper_switches(likelihood, cfg: DecodeConfig):
-    """Apply ``cfg.whisper_window`` / ``whisper_layers`` to a Whisper likelihood for a decode."""
+    """The likelihood to decode with under ``cfg.whisper_window`` / ``whisper_layers``.
+
+    Yields ``likelihood`` itself on the production path, else a shallow copy carrying the naive
+    switches: it shares the weights, and the shared model is never changed, so threads decoding
+    with one likelihood (Ray Serve's replicas) cannot see each other's switches.
+    """
     naive = cfg.whisper_window != "trial" or cfg.whisper_layers != "tap"
     if likelihood is None or not hasattr(likelihood, "set_speed"):
         if naive and likelihood is not None:
             raise ValueError(f"whisper_window={cfg.whisper_window!r} / whisper_layers="
                              f"{cfg.whisper_layers!r} need a Whisper likelihood; this one is "
                              f"{type(likelihood).__name__}")
-        yield
+        yield likelihood
         return
-    before = (likelihood.pad_to, likelihood.all_layers)
-    likelihood.set_speed(pad_to=likelihood.encoder.max_frames
-                         if cfg.whisper_window == "30s" else None,
-                         all_layers=cfg.whisper_layers == "all")
-    try:
-        yield
-    finally:
-        likelihood.set_speed(*before)
+    if not naive:
+        yield likelihood
+        return
+    view = copy.copy(likelihood)  # own attribute dict, shared modules, parameters and buffers
+    view.set_speed(pad_to=likelihood.encoder.max_frames if cfg.whisper_window == "30s" else None,
+                   all_layers=cfg.whisper_layers == "all")
+    yield view
 
 
 def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
@@ -491,11 +496,11 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                         "guide_steps": cfg.guide_steps()}
         else:
             schedule = {"num_steps": cfg.num_steps, "pad_value": MEL_FLOOR}
-        forward = _likelihood_forward(likelihood, cfg) if encoding else None
         device = next(prior.parameters()).device
         batches = _batches(lengths, factor, cfg.batch_size)
         bar = tqdm(total=n, desc=f"decode {subject}", unit="trial", disable=not progress)
-        with whisper_switches(likelihood if encoding else None, cfg):
+        with whisper_switches(likelihood if encoding else None, cfg) as lik:
+            forward = _likelihood_forward(lik, cfg) if encoding else None
             for t_pad, idx in batches:
                 mask = torch.zeros((len(idx), t_pad), dtype=torch.bool)
                 for b, i in enumerate(idx):
@@ -512,8 +517,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                                 zs[b, 0, :, :lengths[i]] = _fit_length(
                                     pseudo[0].predict(src[i]).T, lengths[i]).T
                     n_draws = cfg.n_draws if method == "dps" else cfg.control_draws or cfg.n_draws
-                    draws = _sample_batch(method, denoiser, likelihood if encoding else None,
-                                          forward, ys, mask, t_pad,
+                    draws = _sample_batch(method, denoiser, lik, forward, ys, mask, t_pad,
                                           [trial_key(trials[i]) for i in idx], n_draws, cfg,
                                           schedule, device,
                                           None if zs is None else (zs, pseudo[1]))

@@ -134,6 +134,15 @@ def test_naive_whisper_input_decodes_like_the_short_window(setup):  # noqa: F811
         whisper_window="30s", whisper_layers="all", batch_size=1, draws_per_call=1, **kw)))
     assert (lik.pad_to, lik.all_layers) == (None, False)
     assert _max_diff(naive, fast) < 1e-4
+    # The switches live on a shallow copy for the length of a decode: the shared likelihood (one
+    # per Serve replica, used by concurrent requests) never carries them.
+    from ssip.decode import whisper_switches
+
+    with whisper_switches(lik, DecodeConfig(whisper_window="30s", whisper_layers="all", **kw)) as view:
+        assert view is not lik and (view.pad_to, view.all_layers) == (3000, True)
+        assert (lik.pad_to, lik.all_layers) == (None, False) and view.encoder is lik.encoder
+    with whisper_switches(lik, DecodeConfig(**kw)) as view:
+        assert view is lik
     assert np.abs(fast[("rec/0020", "dps", 0)] - decode_trials(
         test[:1], prior, lik, DecodeConfig(**{**kw, "weight": 0.0}))[0]["mel"]).mean() > 1e-4
 
