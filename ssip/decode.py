@@ -462,7 +462,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
         raise ValueError(f"decode_trials (subject {subject!r}): 'dps-shuffled' needs >= 2 trials "
                          f"to borrow another trial's neural data; got 1")
     baselines = dict(baselines or {})
-    pseudo = None  # (nn decoder, per-bin noise std (80, 1)) when "nn" is evidence
+    pseudo = None  # per-bin noise std (80, 1) of the nn's mel when "nn" is evidence
     if guided and "nn" in cfg.evidence:
         nn_dec = baselines.get("nn")
         std = getattr(nn_dec, "noise_std", None)
@@ -470,7 +470,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
             raise ValueError(f"decode_trials (subject {subject!r}): evidence 'nn' needs the "
                              f"subject's fitted nn decoder with its validation noise_std; pass "
                              f"baselines={{'nn': decoder}} (ssip train baseline --kind nn)")
-        pseudo = (nn_dec, torch.as_tensor(np.asarray(std, np.float64)).reshape(N_MELS, 1))
+        pseudo = torch.as_tensor(np.asarray(std, np.float64)).reshape(N_MELS, 1)
     missing = [m for m in methods if m in BASELINE_METHODS and m not in baselines]
     if missing:
         raise ValueError(f"decode_trials (subject {subject!r}): no fitted decoder for {missing}; "
@@ -482,6 +482,17 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
     partners = (neural[(i + 1) % n] for i in range(n)) if shuffled_neural is None else (
         np.asarray(x, dtype=np.float32) for x in shuffled_neural)
     shuffled = [_fit_length(x, lengths[i]) for i, x in enumerate(partners)]
+    nn_mels: dict[tuple[str, int], np.ndarray] = {}
+
+    def nn_mel(kind: str, i: int) -> np.ndarray:
+        # The nn's mel of trial i from its own ("dps") or borrowed ("dps-shuffled") neural data,
+        # computed once per decode for both the 'nn' evidence and the 'nn' method.
+        if (kind, i) not in nn_mels:
+            x = neural[i] if kind == "dps" else shuffled[i]
+            nn_mels[(kind, i)] = baseline_predictions(
+                [{**trials[i], "neural": x}], baselines["nn"])[0]
+        return nn_mels[(kind, i)]
+
     out: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
 
     sampled = [m for m in methods if m in SAMPLED_METHODS]
@@ -514,13 +525,12 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
                         if pseudo is not None:  # the nn's mel of the same (or shuffled) neural
                             zs = np.full((len(idx), 1, N_MELS, t_pad), MEL_FLOOR, np.float32)
                             for b, i in enumerate(idx):
-                                zs[b, 0, :, :lengths[i]] = _fit_length(
-                                    pseudo[0].predict(src[i]).T, lengths[i]).T
+                                zs[b, 0, :, :lengths[i]] = nn_mel(method, i)
                     n_draws = cfg.n_draws if method == "dps" else cfg.control_draws or cfg.n_draws
                     draws = _sample_batch(method, denoiser, lik, forward, ys, mask, t_pad,
                                           [trial_key(trials[i]) for i in idx], n_draws, cfg,
                                           schedule, device,
-                                          None if zs is None else (zs, pseudo[1]))
+                                          None if zs is None else (zs, pseudo))
                     for b, i in enumerate(idx):
                         t = lengths[i]
                         rows = out[(i, method)]
@@ -537,7 +547,9 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
 
     for method in methods:
         if method in BASELINE_METHODS:
-            for i, mel in enumerate(baseline_predictions(trials, baselines[method])):
+            mels = ([nn_mel("dps", i) for i in range(n)] if method == "nn"
+                    else baseline_predictions(trials, baselines[method]))
+            for i, mel in enumerate(mels):
                 out[(i, method)].append(_row(trials[i], method, MEAN_DRAW, mel))
     return [r for i in range(n) for m in methods for r in out[(i, m)]]
 

@@ -35,7 +35,7 @@ from typing import Protocol, cast
 
 import torch
 
-from ssip.sampling.dps import Residual, posterior_variance
+from ssip.sampling.dps import Residual, posterior_variance, residual_norm_grad
 from ssip.sampling.edm import (
     Denoiser,
     check_finite,
@@ -115,15 +115,13 @@ def curvature(residual: Residual) -> torch.Tensor | float:
 
 
 def likelihood_grad(residual: Residual, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_x0 of -1/2 ||r_b(x0)||^2 per trial, and ||r_b|| (both detached)."""
+    """grad_x0 of -1/2 ||r_b(x0)||^2 per trial, and ||r_b|| (both detached): DPS's per-trial
+    :func:`~ssip.sampling.dps.residual_norm_grad` with x0 itself as the leaf, since
+    grad 1/2 ||r||^2 = ||r|| grad ||r||."""
     with torch.enable_grad():
         x = x0.detach().requires_grad_(True)
-        r, m = residual(x)
-        if m is not None:
-            r = torch.where(m, r, torch.zeros((), dtype=r.dtype, device=r.device))
-        sq = 0.5 * r.flatten(1).pow(2).sum(dim=1)
-        (g,) = torch.autograd.grad(sq.sum(), x)
-    return -g.detach(), torch.sqrt(2 * sq.detach())
+        norm, grad = residual_norm_grad(residual, x, x)
+    return -norm.reshape(-1, *([1] * (grad.ndim - 1))) * grad, norm
 
 
 def daps_sample(
