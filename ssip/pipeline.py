@@ -13,7 +13,11 @@ that stage and the stages that read its outputs run again (a new prior re-runs d
 evaluate, not the per-subject likelihoods and baselines). Layout of ROOT::
 
     corpus/ ingest/ speech/ prior/ likelihood/<subject>/ baselines/<subject>/<kind>/
-    decoded.parquet report/report.md configs/<stage>.yaml pipeline.json
+    presets/calibrated.json decoded.parquet report/report.md configs/<stage>.yaml pipeline.json
+
+With ``calibrate: true`` (the default) each subject's guidance setting is chosen on its
+validation trials by ``ssip sweep`` (Ray Tune) before ``ssip decode --preset calibrated``
+decodes the test split.
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ from ssip.evaluate.report import EvaluateConfig
 from ssip.models.baselines import LinearDecoderConfig, NNDecoderConfig
 from ssip.models.likelihood import LikelihoodConfig
 from ssip.models.prior import PriorConfig
+from ssip.presets import SweepConfig
 
-STAGES = ("corpus", "ingest", "speech", "prior", "likelihood", "baselines", "decode", "evaluate")
+STAGES = ("corpus", "ingest", "speech", "prior", "likelihood", "baselines", "calibrate", "decode",
+          "evaluate")
+#: Name of the preset the calibrate stage writes under ROOT/presets/ (and decode reads).
+CALIBRATION_PRESET = "calibrated"
 
 
 @dataclass
@@ -68,6 +76,12 @@ class PipelineConfig:
                                 help="`ssip train baseline --kind nn`")
     likelihood_workers: int = field(0, help="Ray Train workers per subject's likelihood (0 = "
                                     "one process; N: `ssip train likelihood --workers N`)")
+    calibrate: bool = field(True, help="before decoding, pick each subject's guidance setting "
+                            "on its validation trials (`ssip sweep`, section sweep) and decode "
+                            "with it; the report states the setting and its validation score")
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(values=[0.5, 1.0, 2.0, 4.0],
+                                                                   trials=6, n_draws=4),
+                               help="`ssip sweep`: the per-subject calibration (calibrate: true)")
     decode: DecodeConfig = field(default_factory=DecodeConfig, help="`ssip decode`")
     decode_actors: int = field(0, help="decode on Ray with this many actors (0 = one process; "
                                "the table is byte-identical either way)")
@@ -195,12 +209,30 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                               ("ingest",)))
             fitted.append(steps[-1].key)
             fitted_names.append(steps[-1].name)
-    argv = ["decode", ingest, "--prior", j("prior"), "--likelihood-root", j("likelihood"),
-            *(["--baselines-root", j("baselines")] if kinds else []),
-            "--split", cfg.decode_split, "--out", j("decoded.parquet"),
-            "--config", _write_config(root, "decode", cfg.decode)]
-    for s in subjects:
-        argv += ["--subject", s]
+    decode_cfg = _write_config(root, "decode", cfg.decode)
+    models = ["--prior", j("prior"), "--likelihood-root", j("likelihood"),
+              *(["--baselines-root", j("baselines")] if kinds else [])]
+    by_subject = [a for s in subjects for a in ("--subject", s)]
+    preset = []
+    if cfg.calibrate and any(m in ("dps", "dps-shuffled") for m in cfg.decode.methods):
+        # On the val trials, before the test split is decoded; the cluster is RAY_ADDRESS's or
+        # an embedded one (as for every Ray stage of the pipeline).
+        steps.append(Step("calibrate", "calibrate",
+                          ["sweep", ingest, *models, *by_subject, "--name", CALIBRATION_PRESET,
+                           "--presets", j("presets"), "--decode-config", decode_cfg,
+                           "--config", _write_config(root, "sweep", dataclasses.replace(
+                               cfg.sweep, storage_path=cfg.sweep.storage_path or j("tune")))],
+                          j("presets", f"{CALIBRATION_PRESET}.json"),
+                          h({"up": fitted, "cfg": h(cfg.sweep), "s": list(subjects),
+                             # what the sweep replaces or does not use leaves it unchanged
+                             "decode": h({k: v for k, v in dataclasses.asdict(cfg.decode).items()
+                                          if k not in ("methods", "n_draws", "control_draws",
+                                                       "seed")})}),
+                          tuple(fitted_names)))
+        fitted, fitted_names = [*fitted, steps[-1].key], [*fitted_names, "calibrate"]
+        preset = ["--preset", CALIBRATION_PRESET, "--presets", j("presets")]
+    argv = ["decode", ingest, *models, "--split", cfg.decode_split, "--out", j("decoded.parquet"),
+            "--config", decode_cfg, *preset, *by_subject]
     if cfg.max_decode_trials:
         argv += ["--max-trials", str(cfg.max_decode_trials)]
     if cfg.decode_actors:  # not in the key: the table is the same bytes either way
@@ -211,8 +243,9 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                       tuple(fitted_names)))
     steps.append(Step("evaluate", "evaluate",
                       ["evaluate", j("decoded.parquet"), ingest, j("report"), "--prior", j("prior"),
-                       "--config",
-                       _write_config(root, "evaluate", cfg.evaluate)],
+                       *(["--preset-file", j("presets", f"{CALIBRATION_PRESET}.json")]
+                         if preset else []),
+                       "--config", _write_config(root, "evaluate", cfg.evaluate)],
                       j("report", "report.md"), h({"up": steps[-1].key, "cfg": h(cfg.evaluate)}),
                       ("decode",)))
     return steps

@@ -34,6 +34,9 @@ class FakeSsip:
                 {"subject": "", "status": "failed", "error": "x.nwb: unreadable"}]})
         elif cmd in ("prior", "likelihood", "baseline"):
             storage.write_json(storage.join(argv[3], "manifest.json"), {})
+        elif cmd == "sweep":
+            storage.write_json(storage.join(argv[argv.index("--presets") + 1],
+                                            argv[argv.index("--name") + 1] + ".json"), {})
         elif cmd == "decode":
             storage.write_bytes(argv[argv.index("--out") + 1], b"x")
         elif cmd == "evaluate":
@@ -49,11 +52,29 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     steps = plan(cfg, str(tmp_path), ["s1", "s2"])
     assert [s.name for s in steps] == [
         "corpus", "ingest", "speech", "prior", "likelihood s1", "baseline linear s1", "baseline nn s1",
-        "likelihood s2", "baseline linear s2", "baseline nn s2", "decode", "evaluate"]
+        "likelihood s2", "baseline linear s2", "baseline nn s2", "calibrate", "decode", "evaluate"]
     decode = steps[-2].argv
     assert decode[:2] == ["decode", str(tmp_path / "ingest")]
     assert decode[decode.index("--baselines-root") + 1] == str(tmp_path / "baselines")
     assert [decode[i + 1] for i, a in enumerate(decode) if a == "--subject"] == ["s1", "s2"]
+    # Calibration by default: every subject's guidance swept on its val trials, the test split
+    # decoded with the winners, the report told which.
+    sweep = steps[-3].argv
+    assert sweep[:2] == ["sweep", str(tmp_path / "ingest")]
+    assert [sweep[i + 1] for i, a in enumerate(sweep) if a == "--subject"] == ["s1", "s2"]
+    assert sweep[sweep.index("--decode-config") + 1] == decode[decode.index("--config") + 1]
+    assert decode[decode.index("--preset") + 1] == sweep[sweep.index("--name") + 1] == "calibrated"
+    assert decode[decode.index("--presets") + 1] == sweep[sweep.index("--presets") + 1]
+    assert steps[-1].argv[steps[-1].argv.index("--preset-file") + 1] == str(
+        tmp_path / "presets" / "calibrated.json")
+    from ssip.presets import SweepConfig
+    assert resolve(SweepConfig, sweep[sweep.index("--config") + 1]) == SweepConfig(
+        **{**cfg.sweep.__dict__, "storage_path": str(tmp_path / "tune")})  # Tune's runs in ROOT
+    cfg.calibrate = False
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    assert "calibrate" not in [s.name for s in steps] and "--preset" not in steps[-2].argv
+    assert "--preset-file" not in steps[-1].argv
+    cfg.calibrate = True
     # The prior trains on the default speech corpus, built after ingest with its val/test
     # utterances kept out, with the default corpus's source weights.
     speech = steps[2].argv
@@ -105,8 +126,8 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     # No baselines asked for: no baseline steps and no --baselines-root.
     cfg.decode.methods = ["dps", "prior"]
     steps = plan(cfg, str(tmp_path), ["s1"])
-    assert [s.name for s in steps][-3:] == ["likelihood s1", "decode", "evaluate"]
-    assert "--baselines-root" not in steps[-2].argv
+    assert [s.name for s in steps][-4:] == ["likelihood s1", "calibrate", "decode", "evaluate"]
+    assert "--baselines-root" not in steps[-2].argv + steps[-3].argv
     # A recording folder replaces the simulated corpus.
     cfg.source = "/data/bids"
     assert plan(cfg, str(tmp_path))[0].argv[:2] == ["ingest", "/data/bids"]
@@ -117,8 +138,9 @@ def test_nn_evidence_trains_the_nn_baseline_even_when_it_is_not_a_method(tmp_pat
                                          "decode.evidence=[encoding, nn]",
                                          "decode.evidence_weights=[0.5, 0.5]"])
     steps = plan(cfg, str(tmp_path), ["s1"])
-    assert [s.name for s in steps][-4:] == ["likelihood s1", "baseline nn s1", "decode", "evaluate"]
-    assert "--baselines-root" in steps[-2].argv
+    assert [s.name for s in steps][-5:] == ["likelihood s1", "baseline nn s1", "calibrate",
+                                            "decode", "evaluate"]
+    assert "--baselines-root" in steps[-2].argv and "--baselines-root" in steps[-3].argv
 
 
 def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
@@ -128,34 +150,39 @@ def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
     assert fake.names() == ["corpus build", "ingest", "speech default", "train prior",
                             "train likelihood", "train baseline", "train baseline",
-                            "train likelihood", "train baseline", "train baseline", "decode",
-                            "evaluate"]
+                            "train likelihood", "train baseline", "train baseline", "sweep",
+                            "decode", "evaluate"]
     # Subjects come from the ingest manifest (sorted, failed files left out).
     assert [a[a.index("--subject") + 1] for a in fake.calls if a[1:2] == ["likelihood"]] == ["s1", "s2"]
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert len(state["done"]) == 12
+    assert len(state["done"]) == 13
 
     fake.calls.clear()
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
     assert fake.calls == []  # everything finished with the same configs
 
-    cfg.decode.n_draws = 3  # only decode and what follows it
+    cfg.decode.n_draws = 3  # only decode and what follows it (the sweep sets its own draws)
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
     assert fake.names() == ["decode", "evaluate"]
 
     fake.calls.clear()
+    cfg.sweep.values = [1.0, 8.0]  # a new calibration, then decode
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["sweep", "decode", "evaluate"]
+
+    fake.calls.clear()
     cfg.prior.total_samples = 1000  # the prior and what reads it, not the per-subject models
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
-    assert fake.names() == ["train prior", "decode", "evaluate"]
+    assert fake.names() == ["train prior", "sweep", "decode", "evaluate"]
 
     fake.calls.clear()
     run(cfg, root, force=["prior"], main=fake, echo=lambda *a, **k: None)  # same key, new output
-    assert fake.names() == ["train prior", "decode", "evaluate"]
+    assert fake.names() == ["train prior", "sweep", "decode", "evaluate"]
 
     fake.calls.clear()
     cfg.likelihood.epochs = 7  # both subjects' likelihoods, then decode
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
-    assert fake.names() == ["train likelihood", "train likelihood", "decode", "evaluate"]
+    assert fake.names() == ["train likelihood", "train likelihood", "sweep", "decode", "evaluate"]
 
     fake.calls.clear()
     (tmp_path / "run" / "report" / "report.md").unlink()  # a lost output is made again
@@ -165,12 +192,12 @@ def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
     fake.calls.clear()
     run(cfg, root, force=["ingest"], main=fake, echo=lambda *a, **k: None)
     assert fake.names()[:3] == ["ingest", "speech default", "train prior"]
-    assert len(fake.calls) == 11
+    assert len(fake.calls) == 12
 
     fake.calls.clear()
     cfg.speech.synth_per_voice = 5  # a new prior corpus: the speech stage, the prior, decode
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
-    assert fake.names() == ["speech default", "train prior", "decode", "evaluate"]
+    assert fake.names() == ["speech default", "train prior", "sweep", "decode", "evaluate"]
 
 
 def test_failures_name_the_stage(tmp_path):
@@ -248,6 +275,17 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):
     assert not held & ids and any(i.startswith("pocketsphinx/") for i in ids)
     report = (root / "report" / "report.md").read_text()
     assert "no evaluated trial's audio is in it" in report
+    # Each subject was decoded with the guidance its val trials chose, and the report says so.
+    preset = json.loads((root / "presets" / "calibrated.json").read_text())
+    assert sorted(preset["subjects"]) == ["sim01", "sim02"]
+    from ssip.data.dataset import load_trials
+    val = {(t["subject"], t["trial_id"]) for t in load_trials(str(root / "ingest"), split="val",
+                                                               columns=["subject", "trial_id"])}
+    for s, e in preset["subjects"].items():
+        assert e["overrides"]["weight"] in (1.0, 2.0) and e["n_settings"] == 2
+        assert e["trials"] and all((s, t) in val for t in e["trials"])
+        assert f"{s}: {{'weight': {e['overrides']['weight']}" in report
+    assert "**Calibration**" in report
     # The check can fail: one test trial's speech slipped in under another name is found by
     # its mel content.
     import shutil

@@ -267,6 +267,29 @@ def test_sample_prior_is_seeded_per_sample():
     assert not np.allclose(x[:2], z)
 
 
+def test_prior_sample_command_writes_the_seeded_samples_as_mels_wavs_and_a_figure(tmp_path):
+    import soundfile as sf
+
+    from ssip.cli import main
+
+    torch.manual_seed(2)
+    model = EDMPrior("tiny", sigma_data=0.5, data_mean=np.full(80, -0.3, np.float32), channels=8)
+    save_prior(str(tmp_path / "prior"), model, PriorConfig(window_frames=32))
+    out = tmp_path / "samples"
+    assert main(["prior", "sample", str(out), "--prior", str(tmp_path / "prior"), "-n", "3",
+                 "--frames", "20", "--steps", "3", "--seed", "7"]) == 0
+    mels = [np.load(out / f"sample_{i:02d}.npy") for i in range(3)]
+    # 20 frames round up to the UNet's factor (8): 24; the same samples as the library's.
+    np.testing.assert_allclose(np.stack(mels), sample_prior(model, 3, 24, num_steps=3, seed=7),
+                               atol=1e-5)
+    for i in range(3):
+        audio, rate = sf.read(out / f"sample_{i:02d}.wav")
+        assert rate == 16000 and len(audio) == 24 * 160 and np.abs(audio).max() <= 1.0
+    assert (out / "samples.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="-n 0"):
+        main(["prior", "sample", str(out), "--prior", str(tmp_path / "prior"), "-n", "0"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Whisper embeddings of real speech.
 

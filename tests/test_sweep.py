@@ -104,8 +104,9 @@ def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cl
     assert e["tune"]["storage"] == "s3://ssip-tune/sweeps"
 
     # The scores Tune saw are the decoder's: recompute the winner's and the default's here.
-    trials, prior, likelihood = load_sweep_inputs(m["ingest"], SUBJECT, m["prior"],
-                                                  m["likelihood"], 4)
+    trials, prior, likelihood, baselines = load_sweep_inputs(m["ingest"], SUBJECT, m["prior"],
+                                                             m["likelihood"], 4)
+    assert baselines == {}  # evidence [encoding]: no baseline read
     base = DecodeConfig(num_steps=8, batch_size=4, n_draws=2, seed=0)
     for overrides, score in ((e["overrides"], e["score"]),
                              (e["default"]["overrides"], e["default"]["score"])):

@@ -12,6 +12,9 @@ def register(sub) -> None:
     p.add_argument("out", help="report folder")
     p.add_argument("--prior", default=None, help="the prior checkpoint that decoded: the report "
                    "states its training data and the leakage check")
+    p.add_argument("--preset-file", default=None, metavar="JSON",
+                   help="the preset (ssip sweep) whose per-subject settings decoded the table: "
+                        "the report states them and their validation scores")
     add_config_args(p)
     p.set_defaults(func=_evaluate)
 
@@ -29,6 +32,11 @@ def _evaluate(args) -> int:
 
         note = leakage_statement(read_manifest(args.prior).get("extra", {}), args.ingest,
                                  "decoded")
-    evaluate(args.decoded, args.ingest, args.out, cfg, leakage_note=note)
+    calibration = None
+    if args.preset_file:
+        from ssip import storage
+
+        calibration = storage.read_json(args.preset_file)
+    evaluate(args.decoded, args.ingest, args.out, cfg, leakage_note=note, calibration=calibration)
     print(f"report: {args.out}/report.md")
     return 0

@@ -20,6 +20,9 @@ def register(sub) -> None:
                    help="folder holding one likelihood checkpoint per subject: ROOT/<subject>")
     p.add_argument("--subject", action="append", required=True,
                    help="subject to sweep (repeatable: one Tune run each)")
+    p.add_argument("--baselines-root", default=None,
+                   help="folder holding baselines as ROOT/<subject>/<linear|nn> (needed when the "
+                        "decode config uses the nn decoder as evidence)")
     p.add_argument("--name", required=True, help="preset name to save the winners under")
     p.add_argument("--presets", default=None,
                    help="preset folder (local or s3://; default LIKELIHOOD_ROOT/presets)")
@@ -35,8 +38,7 @@ def register(sub) -> None:
 def _sweep(args) -> int:
     from ssip.config import config_hash, resolve, to_yaml
     from ssip.decode import DecodeConfig
-    from ssip.distributed.sweep import SweepConfig, run_sweep
-    from ssip.presets import presets_root
+    from ssip.presets import SweepConfig, presets_root
 
     base = resolve(DecodeConfig, args.decode_config, args.decode_overrides)
     print(f"# DecodeConfig, base (hash {config_hash(base)})")
@@ -44,10 +46,13 @@ def _sweep(args) -> int:
     cfg = resolve_and_print(SweepConfig, args)
     if cfg is None:
         return 0
+    from ssip.distributed.sweep import run_sweep
+
     for subject in args.subject:
         e = run_sweep(args.ingest, subject, prior=args.prior,
                       likelihood_root=args.likelihood_root, base=base, cfg=cfg, name=args.name,
-                      presets=args.presets, address=args.address, num_cpus=args.num_cpus)
+                      presets=args.presets, address=args.address, num_cpus=args.num_cpus,
+                      baselines_root=args.baselines_root)
         won = {k: v for k, v in e["overrides"].items() if v is not None}
         was = {k: v for k, v in e["default"]["overrides"].items() if v is not None}
         print(f"sweep {args.name} {subject}: best {won} mel PCC {e['score']:.4f} vs default "

@@ -25,94 +25,36 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ssip import storage
-from ssip.config import ConfigError, check_option, check_range, field, from_dict
+from ssip.config import from_dict
 from ssip.data.dataset import load_trials
 from ssip.decode import MEAN_DRAW, DecodeConfig, decode_trials
 from ssip.distributed.runtime import init_ray
 from ssip.evaluate.metrics import mel_pcc
+from ssip.models.baselines import load_baseline
 from ssip.models.likelihood import load_likelihood
 from ssip.models.prior import load_prior
-from ssip.presets import checkpoint_ref, presets_root, save_preset_entry
+from ssip.presets import SweepConfig, checkpoint_ref, grid, presets_root, save_preset_entry
+
+__all__ = ["SweepConfig", "load_sweep_inputs", "run_sweep", "score_chunks"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SweepConfig:
-    """What a guidance sweep tries, on which trials, and how Tune schedules it."""
-
-    rule: str = field("weight", help="guidance rule swept: 'weight' (Gaussian score), 'xi' "
-                                     "(normalised step) or 'zeta' (constant step)")
-    values: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
-                                help="values of the rule to try (the base config's own value "
-                                     "is added when missing)")
-    num_steps: list[int] = field(default_factory=list,
-                                 help="EDM step counts to try (empty: the base config's)")
-    trials: int = field(8, help="val trials scored per setting (the first, in trial order)")
-    chunk: int = field(2, help="trials decoded between two reports to Tune (an ASHA rung)")
-    n_draws: int = field(4, help="posterior draws per trial (the mean is scored)")
-    scheduler: str = field("asha", help="'asha' (stop bad settings early) or 'fifo' (run all)")
-    grace_chunks: int = field(1, help="ASHA: chunks every setting gets before it can be stopped")
-    reduction_factor: float = field(2.0, help="ASHA: keep 1 / reduction_factor at each rung")
-    cpus_per_trial: float = field(0.5, help="CPUs reserved per Tune trial")
-    gpus_per_trial: float = field(0.0, help="GPUs per Tune trial")
-    max_concurrent: int = field(0, help="Tune trials at once (0: as resources allow)")
-    storage_path: str | None = field(None, help="Tune's results: local folder or s3:// "
-                                     "(default ~/ray_results)")
-    seed: int = field(0, help="seed of the draws (the decode config's seed is replaced)")
-
-    def __post_init__(self) -> None:
-        check_option("rule", self.rule, ("weight", "xi", "zeta"))
-        check_option("scheduler", self.scheduler, ("asha", "fifo"))
-        if not self.values:
-            raise ConfigError("values is empty: give the guidance values to try")
-        for v in self.values:
-            if not (math.isfinite(v) and v >= 0):
-                raise ConfigError(f"values: {v!r} must be finite and >= 0")
-        for n in self.num_steps:
-            check_range("num_steps[]", n, 1, None)
-        check_range("trials", self.trials, 1, None)
-        check_range("chunk", self.chunk, 1, None)
-        check_range("n_draws", self.n_draws, 1, None)
-        check_range("grace_chunks", self.grace_chunks, 1, None)
-        check_range("reduction_factor", self.reduction_factor, 1.01, None)
-        check_range("cpus_per_trial", self.cpus_per_trial, 0.0, None)
-        check_range("gpus_per_trial", self.gpus_per_trial, 0.0, None)
-        check_range("max_concurrent", self.max_concurrent, 0, None)
-
-
-def setting_overrides(rule: str, value: float, num_steps: int) -> dict[str, Any]:
-    """DecodeConfig overrides of one setting (the other rules set to None)."""
-    return {"weight": None, "xi": None, "zeta": None, rule: float(value),
-            "num_steps": int(num_steps)}
-
-
-def grid(cfg: SweepConfig, base) -> list[dict[str, Any]]:
-    """Every setting of the sweep (the base config's own first), as DecodeConfig overrides."""
-    base_value = getattr(base, cfg.rule)
-    if base_value is None:
-        raise ConfigError(f"the base decode config uses another guidance rule than "
-                          f"rule={cfg.rule!r} (weight={base.weight}, xi={base.xi}, "
-                          f"zeta={base.zeta}); sweep that rule or set it in the decode config")
-    values = [base_value] + [v for v in cfg.values if not math.isclose(v, base_value)]
-    steps = [base.num_steps] + [n for n in cfg.num_steps if n != base.num_steps]
-    return [setting_overrides(cfg.rule, v, n) for n in steps for v in values]
-
-
-def score_chunks(trials: list[dict], prior, likelihood, decode_cfg, chunk: int):
+def score_chunks(trials: list[dict], prior, likelihood, decode_cfg, chunk: int,
+                 baselines: dict[str, Any] | None = None):
     """Decode ``trials`` in chunks with DPS; yield (trials scored, running mean mel PCC) after
-    each chunk. Trials whose PCC is undefined (too few speech frames) are left out."""
+    each chunk. Trials whose PCC is undefined (too few speech frames) are left out.
+    ``baselines``: the subject's fitted nn when it is DPS evidence."""
     cfg = dataclasses.replace(decode_cfg, methods=["dps"])
     scores: list[float] = []
     for s in range(0, len(trials), chunk):
         part = trials[s:s + chunk]
-        for r in decode_trials(part, prior, likelihood, cfg):
+        for r in decode_trials(part, prior, likelihood, cfg, baselines=baselines):
             if r["draw"] == MEAN_DRAW:
                 ref = next(t["mel"] for t in part if t["trial_id"] == r["trial_id"])
                 v = mel_pcc(r["mel"], np.asarray(ref, np.float32))
@@ -121,20 +63,30 @@ def score_chunks(trials: list[dict], prior, likelihood, decode_cfg, chunk: int):
         yield s + len(part), (float(np.mean(scores)) if scores else math.nan)
 
 
-def load_sweep_inputs(ingest: str, subject: str, prior: str, likelihood_root: str, n: int):
-    """(val trials (first n), prior, likelihood) of one subject."""
+def load_sweep_inputs(ingest: str, subject: str, prior: str, likelihood_root: str, n: int,
+                      base: DecodeConfig | None = None, baselines_root: str | None = None):
+    """(val trials (first n), prior, likelihood, baselines) of one subject; ``baselines`` holds
+    the fitted nn when ``base`` uses it as evidence (read from BASELINES_ROOT/<subject>/nn)."""
     trials = load_trials(ingest, subject=subject, split="val",
                          columns=["schema_version", "subject", "trial_id", "neural", "mel"])[:n]
     if not trials:
         raise ValueError(f"sweep: subject {subject!r} has no val trials under {ingest}; the "
                          f"sweep scores settings on the validation split")
     model, _ = load_prior(prior)
-    likelihood, _ = load_likelihood(storage.join(likelihood_root, subject))
-    return trials, model, likelihood
+    likelihood = None
+    if base is None or base.needs_likelihood():
+        likelihood, _ = load_likelihood(storage.join(likelihood_root, subject))
+    wanted = [k for k in (base.needs_baselines() if base is not None else []) if k == "nn"]
+    if wanted and not baselines_root:
+        raise ValueError(f"sweep ({subject}): evidence {base.evidence} needs the subject's nn "
+                         f"decoder; pass --baselines-root")
+    baselines = {k: load_baseline(storage.join(baselines_root, subject, k)) for k in wanted}
+    return trials, model, likelihood, baselines
 
 
 def _trainable(config: dict[str, Any], *, ingest: str, subject: str, prior: str,
-               likelihood_root: str, base: dict[str, Any], sweep: dict[str, Any]) -> None:
+               likelihood_root: str, baselines_root: str | None, base: dict[str, Any],
+               sweep: dict[str, Any]) -> None:
     """The Tune function trainable: one setting of one subject, reported chunk by chunk."""
     import torch
     from ray import tune
@@ -142,17 +94,17 @@ def _trainable(config: dict[str, Any], *, ingest: str, subject: str, prior: str,
     torch.set_num_threads(1)
     sc = from_dict(SweepConfig, sweep)
     cfg = from_dict(DecodeConfig, {**base, **config["setting"]})
-    trials, model, likelihood = load_sweep_inputs(ingest, subject, prior, likelihood_root,
-                                                  sc.trials)
+    trials, model, likelihood, baselines = load_sweep_inputs(
+        ingest, subject, prior, likelihood_root, sc.trials, cfg, baselines_root)
     t0 = time.perf_counter()
-    for n, score in score_chunks(trials, model, likelihood, cfg, sc.chunk):
+    for n, score in score_chunks(trials, model, likelihood, cfg, sc.chunk, baselines):
         tune.report({"score": score if math.isfinite(score) else -1.0, "trials_scored": n,
                      "seconds": time.perf_counter() - t0})
 
 
 def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, base, cfg:
               SweepConfig, name: str, presets: str | None = None, address: str | None = None,
-              num_cpus: int | None = None) -> dict[str, Any]:
+              num_cpus: int | None = None, baselines_root: str | None = None) -> dict[str, Any]:
     """Sweep one subject's guidance on Ray Tune; save and return its preset entry."""
     import ray
     from ray import tune
@@ -160,18 +112,19 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
 
     ingest, prior, likelihood_root = (storage.absolute(x) for x in (ingest, prior,
                                                                      likelihood_root))
+    baselines_root = storage.absolute(baselines_root) if baselines_root else None
     presets = storage.absolute(presets)
     base = dataclasses.replace(base, n_draws=cfg.n_draws, seed=cfg.seed, methods=["dps"])
     settings = grid(cfg, base)
     # Fail here, not in every trial: the subject's val trials and checkpoints must load.
-    trials, prior_model, likelihood = load_sweep_inputs(ingest, subject, prior, likelihood_root,
-                                                        cfg.trials)
+    trials, prior_model, likelihood, baselines = load_sweep_inputs(
+        ingest, subject, prior, likelihood_root, cfg.trials, base, baselines_root)
     n_chunks = math.ceil(len(trials) / cfg.chunk)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=n_chunks,
                                grace_period=min(cfg.grace_chunks, n_chunks),
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
-    where = cfg.storage_path or os.path.expanduser("~/ray_results")
+    where = storage.absolute(cfg.storage_path or os.path.expanduser("~/ray_results"))
     fs, path = storage.filesystem(where)
     run_name = f"sweep-{name}-{subject}"
     embedded = init_ray(address, num_cpus)
@@ -179,7 +132,8 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     try:
         trainable = tune.with_parameters(
             _trainable, ingest=ingest, subject=subject, prior=prior,
-            likelihood_root=likelihood_root, base=dataclasses.asdict(base),
+            likelihood_root=likelihood_root, baselines_root=baselines_root,
+            base=dataclasses.asdict(base),
             sweep=dataclasses.asdict(cfg))
         resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
         tuner = tune.Tuner(
@@ -207,11 +161,13 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     if not complete:
         raise RuntimeError(f"sweep {name} ({subject}): no setting scored all {len(trials)} "
                            f"trials")
-    best = max(complete, key=lambda r: r["score"])
+    # A tie keeps the base setting: a sweep changes the setting only for a better score.
+    best = max(complete, key=lambda r: (r["score"], r["setting"] == settings[0]))
     default = next(r for r in rows if r["setting"] == settings[0])
     if default["trials_scored"] < len(trials):  # stopped early by ASHA: finish it here
         dcfg = from_dict(DecodeConfig, {**dataclasses.asdict(base), **settings[0]})
-        *_, (n, score) = score_chunks(trials, prior_model, likelihood, dcfg, cfg.chunk)
+        *_, (n, score) = score_chunks(trials, prior_model, likelihood, dcfg, cfg.chunk,
+                                      baselines)
         default = {"setting": settings[0], "score": score, "trials_scored": n,
                    "completed_after_sweep": True}
     entry = {

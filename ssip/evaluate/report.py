@@ -175,14 +175,22 @@ def _markdown_table(summary: list[dict]) -> str:
 
 
 def _figure(path: str, ref: np.ndarray, decoded: dict[str, np.ndarray], title: str) -> None:
+    figure(path, {"truth": ref, **decoded}, title, scale=ref)
+
+
+def figure(path: str, mels: dict[str, np.ndarray], title: str,
+           scale: np.ndarray | None = None) -> None:
+    """One PNG of mels (80, T) stacked, labelled by the dict's keys, on one colour scale (that
+    of ``scale``, default all mels')."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = 1 + len(decoded)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n), sharex=True, squeeze=False)
-    for ax, (name, m) in zip(axes[:, 0], [("truth", ref), *decoded.items()], strict=True):
+    ref = scale if scale is not None else np.concatenate([np.ravel(m) for m in mels.values()])
+    fig, axes = plt.subplots(len(mels), 1, figsize=(8, 1.8 * len(mels)), sharex=True,
+                             squeeze=False)
+    for ax, (name, m) in zip(axes[:, 0], mels.items(), strict=True):
         ax.imshow(m, origin="lower", aspect="auto", vmin=ref.min(), vmax=ref.max(), cmap="magma")
         ax.set_ylabel(name, fontsize=8)
     axes[-1, 0].set_xlabel("frame (10 ms)")
@@ -192,9 +200,27 @@ def _figure(path: str, ref: np.ndarray, decoded: dict[str, np.ndarray], title: s
     plt.close(fig)
 
 
+def calibration_statement(preset: dict) -> str:
+    """The report's sentence on a per-subject calibration (a preset of ``ssip sweep``)."""
+    parts = []
+    for subject, e in sorted(preset.get("subjects", {}).items()):
+        won = {k: v for k, v in e["overrides"].items() if v is not None}
+        was = {k: v for k, v in e["default"]["overrides"].items() if v is not None}
+        parts.append(f"{subject}: {won} (val mel PCC {e['score']:.3f} on {len(e['trials'])} "
+                     f"trial(s), {e['n_draws']} draws; the base setting {was}: "
+                     f"{e['default']['score']:.3f})")
+    return (f"**Calibration** (preset {preset.get('name', '?')!r}: each subject's guidance chosen "
+            f"on its validation trials by `ssip sweep` before the test split was decoded): "
+            + "; ".join(parts) + ".")
+
+
 def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
-             leakage_note: str = "") -> list[dict]:
-    """Score a decoded table against its ingest dataset and write the report; returns the summary."""
+             leakage_note: str = "", calibration: dict | None = None) -> list[dict]:
+    """Score a decoded table against its ingest dataset and write the report; returns the summary.
+
+    ``calibration``: a preset (``ssip sweep``'s JSON) whose per-subject settings decoded the
+    table; the report states each subject's setting and its validation score.
+    """
     import soundfile as sf
 
     decoded = read_decoded(decoded_uri)
@@ -262,6 +288,8 @@ def evaluate(decoded_uri: str, ingest_root: str, out: str, cfg: EvaluateConfig,
              + ".", ""]
     if leakage_note:
         lines += [f"**Leakage:** {leakage_note}", ""]
+    if calibration:
+        lines += [calibration_statement(calibration), ""]
     lines += ["## Summary (mean per trial; subject * pools all subjects)", "", _markdown_table(summary), "",
               "mel_pcc: mean over bins of Pearson r on speech frames; mel_pcc_chance: the same for "
               "the decoded mel circularly shifted; identified: closed-set identification rate "

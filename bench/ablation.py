@@ -1,0 +1,201 @@
+"""Decoder ablation on VALIDATION trials: each lever of issue 22 alone and together, vs nn.
+
+Reads a finished ``ssip pipeline`` run (ROOT/ingest, prior, likelihood/<subject>,
+baselines/<subject>/{linear,nn}; bench/quality.py makes one) and decodes the first ``--trials``
+validation trials of every subject under each variant below, in this process, with the same
+prior, likelihoods, baselines and seeds. Per variant it prints the mean mel PCC of the posterior
+mean, the paired difference against ``nn`` per subject and pooled with a 95 % BCa bootstrap
+interval (trials resampled; bench/quality.py's ``paired_difference``), and the wall-clock
+seconds per trial, so that samplers are compared at their measured cost.
+
+Variants are DecodeConfig overrides; ``noise: whitened`` refits each subject's likelihood noise
+as the whitened model (AR per electrode + low-rank cross-electrode factors,
+``ssip.sampling.whitening``) on that subject's validation residuals, the trained network
+unchanged (what ``likelihood.noise_model: whitened`` does at training time).
+
+Settings are chosen here, on validation trials only; bench/quality.py then scores the test split
+untouched, on both simulated brains. Results are cached per variant under ROOT/ablation/ (a
+re-run prints; ``--force`` re-decodes).
+
+Run: ``.venv/bin/python bench/ablation.py --root runs/quality [--trials 4] [--variants a,b]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+BOTH = {"evidence": ["encoding", "nn"], "evidence_weights": [0.5, 0.5]}
+#: name -> (DecodeConfig overrides, likelihood noise model)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "dps": ({}, "diagonal"),
+    "dps-whitened": ({}, "whitened"),
+    "dps-nn": ({"evidence": ["nn"]}, "diagonal"),
+    "dps-both": (BOTH, "diagonal"),
+    "dps-both-whitened": (BOTH, "whitened"),
+    "daps": ({"sampler": "daps"}, "diagonal"),
+    "daps-whitened": ({"sampler": "daps"}, "whitened"),
+    "daps-nn": ({"sampler": "daps", "evidence": ["nn"]}, "diagonal"),
+    "daps-both": ({"sampler": "daps", **BOTH}, "diagonal"),
+    "daps-both-whitened": ({"sampler": "daps", **BOTH}, "whitened"),
+}
+
+
+def whitened(likelihood, val_trials):
+    """A copy of ``likelihood`` whose noise is the whitened model fitted on ``val_trials``'
+    residuals (the network's weights unchanged)."""
+    from ssip.models.likelihood import build_likelihood, evaluate_likelihood, set_noise_sigma
+
+    cfg = dataclasses.replace(likelihood.config, noise_model="whitened")
+    model = build_likelihood(cfg, likelihood.n_electrodes)
+    missing, unexpected = model.load_state_dict(likelihood.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("noise_") for k in missing):
+        raise RuntimeError(f"whitened copy: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    m = evaluate_likelihood(model, val_trials, cfg.batch_size, cfg.noise_lags)
+    set_noise_sigma(model, m, cfg.sigma_min)
+    return model
+
+
+def load_run(root: str, n_trials: int, split: str, only: list[str] | None = None):
+    from ssip import storage
+    from ssip.data.dataset import load_trials
+    from ssip.models.baselines import load_baseline
+    from ssip.models.likelihood import load_likelihood
+    from ssip.models.prior import load_prior
+
+    ingest = storage.join(root, "ingest")
+    trials: dict[str, list[dict]] = {}
+    for t in load_trials(ingest, split=split):
+        trials.setdefault(t["subject"], []).append(t)
+    val: dict[str, list[dict]] = {}
+    for t in load_trials(ingest, split="val"):
+        val.setdefault(t["subject"], []).append(t)
+    prior, _ = load_prior(storage.join(root, "prior"))
+    subjects = {}
+    for s, ts in sorted(trials.items()):
+        if only and s not in only:
+            continue
+        lik, _ = load_likelihood(storage.join(root, "likelihood", s))
+        base = {k: load_baseline(storage.join(root, "baselines", s, k)) for k in ("linear", "nn")}
+        subjects[s] = {"trials": ts[:n_trials], "val": val[s], "likelihood": lik,
+                       "baselines": base}
+    return prior, subjects
+
+
+def score(rows: list[dict], refs: dict[tuple[str, str], object]) -> list[dict]:
+    from ssip.evaluate.metrics import mel_pcc
+
+    return [{"subject": r["subject"], "trial_id": r["trial_id"], "method": r["method"],
+             "draw": r["draw"], "mel_pcc": mel_pcc(r["mel"], refs[(r["subject"], r["trial_id"])])}
+            for r in rows]
+
+
+def run_variant(name: str, overrides: dict, noise: str, prior, subjects, base_cfg, refs) -> dict:
+    from ssip.config import from_dict
+    from ssip.decode import DecodeConfig, decode_trials
+
+    cfg = from_dict(DecodeConfig, {**dataclasses.asdict(base_cfg), **copy.deepcopy(overrides),
+                                   "methods": ["dps"]})
+    rows, seconds, n = [], 0.0, 0
+    for s, d in subjects.items():
+        lik = d["likelihood"]
+        if noise == "whitened" and "encoding" in cfg.evidence:
+            lik = d.setdefault("whitened", whitened(lik, d["val"]))
+        t0 = time.perf_counter()
+        rows += decode_trials(d["trials"], prior, lik, cfg, baselines=d["baselines"])
+        seconds += time.perf_counter() - t0
+        n += len(d["trials"])
+        print(f"  {name}: {s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for r in rows:
+        r["method"] = name
+    return {"rows": score(rows, refs), "seconds_per_trial": seconds / max(n, 1),
+            "config": {"overrides": overrides, "noise": noise}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="finished pipeline run folder")
+    p.add_argument("--trials", type=int, default=4, help="val trials per subject (the first)")
+    p.add_argument("--split", default="val", choices=("val", "test"),
+                   help="val to choose (default); test only for the final, untouched report")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of "
+                   f"{list(VARIANTS)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="base DecodeConfig override for every variant (e.g. n_draws=16)")
+    p.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
+    p.add_argument("--force", action="store_true", help="re-decode cached variants")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    from quality import paired_difference
+
+    from ssip.config import resolve
+    from ssip.decode import DecodeConfig
+
+    base_cfg = resolve(DecodeConfig, None, ["n_draws=16", "num_steps=25", *args.overrides])
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    only = [x for x in args.subjects.split(",") if x]
+    out_dir = (Path(args.root) / "ablation" / f"{args.split}-{args.trials}-{base_cfg.n_draws}draws"
+               / ("+".join(only) or "all"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prior, subjects = load_run(args.root, args.trials, args.split, only)
+    refs = {(t["subject"], t["trial_id"]): np.asarray(t["mel"])
+            for d in subjects.values() for t in d["trials"]}
+
+    results: dict[str, dict] = {}
+    baseline_file = out_dir / "baselines.json"
+    if baseline_file.exists():
+        results["baselines"] = json.loads(baseline_file.read_text())
+    else:
+        from ssip.decode import baseline_rows
+
+        rows = [r for s, d in subjects.items() for k in ("linear", "nn")
+                for r in baseline_rows(d["trials"], d["baselines"][k], k)]
+        results["baselines"] = {"rows": score(rows, refs), "seconds_per_trial": math.nan}
+        baseline_file.write_text(json.dumps(results["baselines"]))
+    for name in names:
+        f = out_dir / f"{name}.json"
+        if f.exists() and not args.force:
+            results[name] = json.loads(f.read_text())
+            continue
+        overrides, noise = VARIANTS[name]
+        results[name] = run_variant(name, overrides, noise, prior, subjects, base_cfg, refs)
+        f.write_text(json.dumps(results[name]))
+
+    base_rows = results["baselines"]["rows"]
+    print(f"\n{args.split} trials: first {args.trials} per subject, {len(refs)} in all; "
+          f"{base_cfg.n_draws} draws, {base_cfg.num_steps} steps; mel PCC of the posterior mean")
+    for k in ("linear", "nn"):
+        v = [r["mel_pcc"] for r in base_rows if r["method"] == k and not math.isnan(r["mel_pcc"])]
+        print(f"{k:20s} {np.mean(v):.3f}")
+    print(f"{'variant':20s} {'PCC':>6s} {'draw':>6s} {'s/trial':>8s}  mean - nn [95 % BCa] "
+          f"pooled | per subject")
+    for name in names:
+        rows = results[name]["rows"]
+        mean = [r["mel_pcc"] for r in rows if r["draw"] < 0 and not math.isnan(r["mel_pcc"])]
+        draw = [r["mel_pcc"] for r in rows if r["draw"] >= 0 and not math.isnan(r["mel_pcc"])]
+        diff = paired_difference(rows + base_rows, method=name, against="nn")
+        pooled = diff.get("*", {})
+        per = " ".join(f"{s}:{d['mean']:+.3f}" for s, d in sorted(diff.items()) if s != "*")
+        print(f"{name:20s} {np.mean(mean):6.3f} {np.mean(draw):6.3f} "
+              f"{results[name]['seconds_per_trial']:8.1f}  {pooled.get('mean', math.nan):+.3f} "
+              f"[{pooled.get('low', math.nan):+.3f}, {pooled.get('high', math.nan):+.3f}] | {per}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
