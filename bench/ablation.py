@@ -39,11 +39,14 @@ BOTH = {"evidence": ["encoding", "nn"], "evidence_weights": [0.5, 0.5]}
 #: name -> (DecodeConfig overrides, likelihood noise model)
 VARIANTS: dict[str, tuple[dict, str]] = {
     "dps": ({}, "diagonal"),
+    "dps-w2": ({"weight": 2.0}, "diagonal"),
     "dps-whitened": ({}, "whitened"),
     "dps-nn": ({"evidence": ["nn"]}, "diagonal"),
     "dps-both": (BOTH, "diagonal"),
     "dps-both-whitened": (BOTH, "whitened"),
     "daps": ({"sampler": "daps"}, "diagonal"),
+    # about DPS's wall-clock per trial: 8 Langevin steps per level instead of 20
+    "daps-8": ({"sampler": "daps", "daps_langevin_steps": 8}, "diagonal"),
     "daps-whitened": ({"sampler": "daps"}, "whitened"),
     "daps-nn": ({"sampler": "daps", "evidence": ["nn"]}, "diagonal"),
     "daps-both": ({"sampler": "daps", **BOTH}, "diagonal"),
@@ -101,26 +104,46 @@ def score(rows: list[dict], refs: dict[tuple[str, str], object]) -> list[dict]:
             for r in rows]
 
 
-def run_variant(name: str, overrides: dict, noise: str, prior, subjects, base_cfg, refs) -> dict:
+def run_variant(name: str, subject: str, overrides: dict, noise: str, prior, d: dict, base_cfg,
+                refs) -> dict:
+    """One variant on one subject's trials: scored rows and the decode's wall-clock seconds."""
     from ssip.config import from_dict
     from ssip.decode import DecodeConfig, decode_trials
 
     cfg = from_dict(DecodeConfig, {**dataclasses.asdict(base_cfg), **copy.deepcopy(overrides),
                                    "methods": ["dps"]})
-    rows, seconds, n = [], 0.0, 0
-    for s, d in subjects.items():
-        lik = d["likelihood"]
-        if noise == "whitened" and "encoding" in cfg.evidence:
-            lik = d.setdefault("whitened", whitened(lik, d["val"]))
-        t0 = time.perf_counter()
-        rows += decode_trials(d["trials"], prior, lik, cfg, baselines=d["baselines"])
-        seconds += time.perf_counter() - t0
-        n += len(d["trials"])
-        print(f"  {name}: {s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    lik = d["likelihood"]
+    if noise == "whitened" and "encoding" in cfg.evidence:
+        lik = d.setdefault("whitened", whitened(lik, d["val"]))
+    t0 = time.perf_counter()
+    rows = decode_trials(d["trials"], prior, lik, cfg, baselines=d["baselines"])
+    seconds = time.perf_counter() - t0
+    print(f"  {name}: {subject} done ({seconds:.0f} s)", flush=True)
     for r in rows:
         r["method"] = name
-    return {"rows": score(rows, refs), "seconds_per_trial": seconds / max(n, 1),
+    return {"rows": score(rows, refs), "seconds": seconds, "n_trials": len(d["trials"]),
             "config": {"overrides": overrides, "noise": noise}}
+
+
+def _split_legacy(out_dir: Path) -> None:
+    """Results cached by an earlier version (one file per variant and subject SET) -> one file
+    per variant and subject."""
+    for old in out_dir.glob("*/*.json"):
+        if old.parent.name in VARIANTS or old.parent.name == "baselines":
+            continue
+        data = json.loads(old.read_text())
+        name = old.stem
+        by: dict[str, list] = {}
+        for r in data["rows"]:
+            by.setdefault(r["subject"], []).append(r)
+        for subject, rows in by.items():
+            f = out_dir / name / f"{subject}.json"
+            if f.exists():
+                continue
+            n = len({r["trial_id"] for r in rows})
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"rows": rows, "n_trials": n, "config": data.get("config"),
+                                     "seconds": data.get("seconds_per_trial", math.nan) * n}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,32 +172,40 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     only = [x for x in args.subjects.split(",") if x]
-    out_dir = (Path(args.root) / "ablation" / f"{args.split}-{args.trials}-{base_cfg.n_draws}draws"
-               / ("+".join(only) or "all"))
+    out_dir = Path(args.root) / "ablation" / f"{args.split}-{args.trials}-{base_cfg.n_draws}draws"
     out_dir.mkdir(parents=True, exist_ok=True)
+    _split_legacy(out_dir)
     prior, subjects = load_run(args.root, args.trials, args.split, only)
     refs = {(t["subject"], t["trial_id"]): np.asarray(t["mel"])
             for d in subjects.values() for t in d["trials"]}
 
-    results: dict[str, dict] = {}
-    baseline_file = out_dir / "baselines.json"
-    if baseline_file.exists():
-        results["baselines"] = json.loads(baseline_file.read_text())
-    else:
-        from ssip.decode import baseline_rows
+    def cached(name: str, subject: str, make) -> dict:
+        f = out_dir / name / f"{subject}.json"
+        if f.exists() and not (args.force and name != "baselines"):
+            return json.loads(f.read_text())
+        out = make()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(out))
+        return out
 
-        rows = [r for s, d in subjects.items() for k in ("linear", "nn")
-                for r in baseline_rows(d["trials"], d["baselines"][k], k)]
-        results["baselines"] = {"rows": score(rows, refs), "seconds_per_trial": math.nan}
-        baseline_file.write_text(json.dumps(results["baselines"]))
-    for name in names:
-        f = out_dir / f"{name}.json"
-        if f.exists() and not args.force:
-            results[name] = json.loads(f.read_text())
-            continue
-        overrides, noise = VARIANTS[name]
-        results[name] = run_variant(name, overrides, noise, prior, subjects, base_cfg, refs)
-        f.write_text(json.dumps(results[name]))
+    from ssip.decode import baseline_rows
+
+    results: dict[str, dict] = {}
+    for name in ["baselines", *names]:
+        parts = []
+        for s, d in subjects.items():
+            if name == "baselines":
+                parts.append(cached(name, s, lambda d=d: {"rows": score(
+                    [r for k in ("linear", "nn") for r in baseline_rows(
+                        d["trials"], d["baselines"][k], k)], refs), "seconds": math.nan,
+                    "n_trials": len(d["trials"])}))
+            else:
+                overrides, noise = VARIANTS[name]
+                parts.append(cached(name, s, lambda n=name, s=s, d=d, o=overrides, z=noise:
+                                    run_variant(n, s, o, z, prior, d, base_cfg, refs)))
+        results[name] = {"rows": [r for x in parts for r in x["rows"]],
+                         "seconds_per_trial": sum(x["seconds"] for x in parts)
+                         / max(1, sum(x["n_trials"] for x in parts))}
 
     base_rows = results["baselines"]["rows"]
     print(f"\n{args.split} trials: first {args.trials} per subject, {len(refs)} in all; "
