@@ -44,6 +44,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "dps-nn": ({"evidence": ["nn"]}, "diagonal"),
     "dps-both": (BOTH, "diagonal"),
     "dps-both-whitened": (BOTH, "whitened"),
+    "dps-both-82": ({"evidence": ["encoding", "nn"], "evidence_weights": [0.8, 0.2]}, "diagonal"),
     "daps": ({"sampler": "daps"}, "diagonal"),
     # about DPS's wall-clock per trial: 8 Langevin steps per level instead of 20
     "daps-8": ({"sampler": "daps", "daps_langevin_steps": 8}, "diagonal"),

@@ -284,7 +284,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):
     for s, e in preset["subjects"].items():
         assert e["overrides"]["weight"] in (1.0, 2.0) and e["n_settings"] == 2
         assert e["trials"] and all((s, t) in val for t in e["trials"])
-        assert f"{s}: {{'weight': {e['overrides']['weight']}" in report
+        assert f"{s}: weight={e['overrides']['weight']}, num_steps=4 (val mel PCC " in report
     assert "**Calibration**" in report
     # The check can fail: one test trial's speech slipped in under another name is found by
     # its mel content.

@@ -202,13 +202,16 @@ def figure(path: str, mels: dict[str, np.ndarray], title: str,
 
 def calibration_statement(preset: dict) -> str:
     """The report's sentence on a per-subject calibration (a preset of ``ssip sweep``)."""
+    def setting(overrides: dict) -> str:  # the guidance rule first, then the rest by name
+        order = ["weight", "xi", "zeta", *sorted(set(overrides) - {"weight", "xi", "zeta"})]
+        return ", ".join(f"{k}={overrides[k]}" for k in order
+                         if overrides.get(k) is not None)
+
     parts = []
     for subject, e in sorted(preset.get("subjects", {}).items()):
-        won = {k: v for k, v in e["overrides"].items() if v is not None}
-        was = {k: v for k, v in e["default"]["overrides"].items() if v is not None}
-        parts.append(f"{subject}: {won} (val mel PCC {e['score']:.3f} on {len(e['trials'])} "
-                     f"trial(s), {e['n_draws']} draws; the base setting {was}: "
-                     f"{e['default']['score']:.3f})")
+        parts.append(f"{subject}: {setting(e['overrides'])} (val mel PCC {e['score']:.3f} on "
+                     f"{len(e['trials'])} trial(s), {e['n_draws']} draws; the base setting "
+                     f"{setting(e['default']['overrides'])}: {e['default']['score']:.3f})")
     return (f"**Calibration** (preset {preset.get('name', '?')!r}: each subject's guidance chosen "
             f"on its validation trials by `ssip sweep` before the test split was decoded): "
             + "; ".join(parts) + ".")
