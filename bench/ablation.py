@@ -45,6 +45,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "dps-both": (BOTH, "diagonal"),
     "dps-both-whitened": (BOTH, "whitened"),
     "dps-both-82": ({"evidence": ["encoding", "nn"], "evidence_weights": [0.8, 0.2]}, "diagonal"),
+    # the nn's mel as a CALIBRATED measurement z = a x + b + e per bin (fitted on the subject's
+    # other val trials): a regression output is shrunk toward the mean, not x plus noise
+    "dps-both-82-cal": ({"evidence": ["encoding", "nn"], "evidence_weights": [0.8, 0.2]},
+                        "diagonal+nn-cal"),
+    "dps-both-cal": (BOTH, "diagonal+nn-cal"),
+    "dps-nn-cal": ({"evidence": ["nn"]}, "diagonal+nn-cal"),
     "daps": ({"sampler": "daps"}, "diagonal"),
     # about DPS's wall-clock per trial: 8 Langevin steps per level instead of 20
     "daps-8": ({"sampler": "daps", "daps_langevin_steps": 8}, "diagonal"),
@@ -69,6 +75,28 @@ def whitened(likelihood, val_trials):
     m = evaluate_likelihood(model, val_trials, cfg.batch_size, cfg.noise_lags)
     set_noise_sigma(model, m, cfg.sigma_min)
     return model
+
+
+class CalibratedNN:
+    """The nn decoder seen as a linear measurement of the mel, z = a x + b + e per bin: predicts
+    (z - b) / a with noise std sd(e) / a, so that the Gaussian pseudo-measurement residual is
+    (z - a x - b) / sd(e). a, b, sd(e) are fitted on ``fit_trials`` (val trials not scored)."""
+
+    def __init__(self, nn, fit_trials):
+        import numpy as np
+
+        z = np.concatenate([np.asarray(nn.predict(np.asarray(t["neural"], np.float32)))
+                            for t in fit_trials], axis=1)
+        x = np.concatenate([np.asarray(t["mel"]) for t in fit_trials], axis=1)
+        xc, zc = x - x.mean(1, keepdims=True), z - z.mean(1, keepdims=True)
+        self.a = np.maximum((xc * zc).sum(1) / np.maximum((xc * xc).sum(1), 1e-9), 0.05)
+        self.b = z.mean(1) - self.a * x.mean(1)
+        sd = np.sqrt(np.mean((z - self.a[:, None] * x - self.b[:, None]) ** 2, axis=1))
+        self.nn, self.noise_std = nn, sd / self.a
+
+    def predict(self, neural):
+        z = self.nn.predict(neural)
+        return ((z - self.b[:, None]) / self.a[:, None]).astype("float32")
 
 
 def load_run(root: str, n_trials: int, split: str, only: list[str] | None = None):
@@ -116,8 +144,13 @@ def run_variant(name: str, subject: str, overrides: dict, noise: str, prior, d: 
     lik = d["likelihood"]
     if noise == "whitened" and "encoding" in cfg.evidence:
         lik = d.setdefault("whitened", whitened(lik, d["val"]))
+    baselines = d["baselines"]
+    if noise.endswith("+nn-cal"):
+        scored = {t["trial_id"] for t in d["trials"]}
+        fit = [t for t in d["val"] if t["trial_id"] not in scored]
+        baselines = {**baselines, "nn": CalibratedNN(baselines["nn"], fit)}
     t0 = time.perf_counter()
-    rows = decode_trials(d["trials"], prior, lik, cfg, baselines=d["baselines"])
+    rows = decode_trials(d["trials"], prior, lik, cfg, baselines=baselines)
     seconds = time.perf_counter() - t0
     print(f"  {name}: {subject} done ({seconds:.0f} s)", flush=True)
     for r in rows:
