@@ -80,3 +80,21 @@ def test_espeak_languages_are_the_voices_own():
 
     assert [espeak_language(v) for v in ("fr-fr+f3", "it+m2", "en-gb-x-rp+f2", "es-419+m1")] == [
         "fr-FR", "it", "en-GB-x-rp", "es-419"]
+
+
+def test_twin_recordings_of_excluded_prompts_stay_out(tmp_path):
+    # asterisk-en ships "Seconds" twice (queue-seconds and seconds: one recording, two encodings;
+    # mels correlate 0.998): excluding the evaluated one must exclude its twin.
+    from ssip.data.default_speech import same_recordings
+
+    assert same_recordings(["asterisk-en"], {"asterisk-en/queue-seconds"}) == {"asterisk-en/seconds"}
+    # Another speaker saying the same words is not the same recording.
+    assert "asterisk-es/seconds" not in same_recordings(["asterisk-en", "asterisk-es"],
+                                                        {"asterisk-en/queue-seconds"})
+    cfg = DefaultSpeechConfig(voices=["asterisk-en"], pocketsphinx=False, flite_voices=[],
+                              espeak_voices={}, synth_per_voice=0)
+    info = build_default_speech(tmp_path, cfg, exclude={"asterisk-en/queue-seconds"})
+    ids = {json.loads(line)["utt_id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()}
+    assert "asterisk-en/seconds" not in ids and "asterisk-en/queue-seconds" not in ids
+    assert info["n_excluded_as_same_recording"] == 1
+    assert len(ids) == 553 - 2

@@ -129,6 +129,31 @@ def espeak_language(voice: str) -> str:
                                           for i, p in enumerate(parts[1:])])
 
 
+def _said(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def same_recordings(voices: list[str], exclude: set[str]) -> set[str]:
+    """Prompts of ``voices`` that repeat an excluded prompt: the same speaker saying the same
+    transcript under another name.
+
+    Debian's voices ship some recordings twice (asterisk-en ``queue-seconds`` and ``seconds``: one
+    recording in two encodings, so neither the id nor the bytes match; their mels correlate
+    0.998). Excluding by id alone would let the twin of an evaluated trial into the prior.
+    Matching on the transcript drops a few different takes of the same words too: the safe side.
+    """
+    said: set[tuple[str, str]] = set()
+    prompts: list[tuple[str, str, str]] = []
+    for name in voices:
+        speaker = DEBIAN_VOICES[name].speaker
+        for uid, _, text in voice_prompts(name):
+            prompts.append((uid, speaker, _said(text or "")))
+            if uid in exclude and text:
+                said.add((speaker, _said(text)))
+    return {uid for uid, speaker, text in prompts
+            if text and (speaker, text) in said and uid not in exclude}
+
+
 def _texts(voice: str, exclude: set[str]) -> list[tuple[str, str]]:
     # (utt_id, text) of a voice's prompts, never an excluded one.
     return [(uid, text) for uid, _, text in voice_prompts(voice) if uid not in exclude and text]
@@ -146,7 +171,8 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
     cfg : DefaultSpeechConfig
     exclude : set of str
         Utterance ids that must not enter the corpus (the evaluated trials' utterances); no
-        synthetic voice speaks their texts either.
+        synthetic voice speaks their texts either, and no twin recording of them
+        (:func:`same_recordings`) enters.
 
     Returns
     -------
@@ -155,7 +181,8 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    exclude = set(exclude)
+    twins = same_recordings(sorted({*cfg.voices, *cfg.espeak_voices.values()}), set(exclude))
+    exclude = set(exclude) | twins
     heldout = set(cfg.heldout_voices)
     # A held-out voice's speaker is absent everywhere (Allison speaks both English and Spanish).
     heldout_speakers = {DEBIAN_VOICES[h].speaker for h in heldout}
@@ -234,6 +261,7 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
         "heldout_voices": sorted(heldout),
         "heldout_speakers": sorted(heldout_speakers),
         "n_excluded_utterances": len(exclude),
+        "n_excluded_as_same_recording": len(twins),
         "n_recordings_skipped_as_excluded": skipped_excluded,
     }
     (out / "default_speech.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
