@@ -31,7 +31,8 @@ pytest: setup
 
 test: lint pytest
 
-# The main job on the embedded default: simulated corpus from real speech -> ingest -> prior,
+# The main job on the embedded default: simulated corpus from real speech -> ingest -> the
+# shipped prior checked for leakage,
 # likelihoods, baselines -> DPS decode -> report (resumable: a re-run skips finished stages).
 demo: setup
 	$(BIN)/ssip pipeline $(DEMO) --config configs/pipeline-demo.yaml

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from ssip.data.schema import tensor_values
 
         mels = (np.ascontiguousarray(m, np.float32).tobytes()
-                for m in tensor_values(table.column("mel")))
+                for m in tensor_values(table, "mel"))
         return dict(zip(zip(*cols, strict=True), mels, strict=True))
 
     reference = keyed(read_parquet(ref))

@@ -12,8 +12,13 @@ with the same config hash and the same upstream outputs; change a config (or for
 that stage and the stages that read its outputs run again (a new prior re-runs decode and
 evaluate, not the per-subject likelihoods and baselines). Layout of ROOT::
 
-    corpus/ ingest/ speech/ prior/ likelihood/<subject>/ baselines/<subject>/<kind>/
+    corpus/ ingest/ prior-check.json likelihood/<subject>/ baselines/<subject>/<kind>/
     presets/calibrated.json decoded.parquet report/report.md configs/<stage>.yaml pipeline.json
+
+With ``prior_data: shipped`` (the default) no prior is trained: stage ``prior`` checks that no
+val/test utterance of the subjects is in the shipped prior's corpus (``ssip prior check``) and
+decoding uses it; ``default``, ``trials`` or ``corpora`` train one (stages ``speech`` and
+``prior``: ROOT/speech/, ROOT/prior/).
 
 With ``calibrate: true`` (the default) each subject's guidance setting is chosen on its
 validation trials by ``ssip sweep`` (Ray Tune) before ``ssip decode --preset calibrated``
@@ -38,7 +43,7 @@ from ssip.decode import DecodeConfig
 from ssip.evaluate.report import EvaluateConfig
 from ssip.models.baselines import LinearDecoderConfig, NNDecoderConfig
 from ssip.models.likelihood import LikelihoodConfig
-from ssip.models.prior import PriorConfig
+from ssip.models.prior import SHIPPED, SHIPPED_DIR, PriorConfig
 from ssip.presets import SweepConfig
 
 STAGES = ("corpus", "ingest", "speech", "prior", "likelihood", "baselines", "calibrate", "decode",
@@ -56,7 +61,9 @@ class PipelineConfig:
     source: str | None = field(None, help="recordings to ingest instead of building the "
                                           "simulated corpus (BIDS tree, Flinker .h5 folder)")
     ingest: IngestConfig = field(default_factory=IngestConfig, help="`ssip ingest`")
-    prior_data: str = field("default", help="the prior's speech: default (the embedded "
+    prior_data: str = field("shipped", help="the prior: shipped (the one that ships with ssip: "
+                            "no prior is trained; stage prior checks that no val/test trial's "
+                            "utterance is in its corpus), or train one on default (the embedded "
                             "multi-speaker corpus, `ssip speech default`), trials (the train-split "
                             "trials' speech) or corpora (prior_corpora)")
     prior_corpora: list[str] = field(default_factory=list, help="speech corpus roots from `ssip "
@@ -94,7 +101,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_option("decode_split", self.decode_split, ("train", "val", "test"))
-        check_option("prior_data", self.prior_data, ("default", "trials", "corpora"))
+        check_option("prior_data", self.prior_data, ("shipped", "default", "trials", "corpora"))
         check_range("prior_workers", self.prior_workers, 0, None)
         check_range("likelihood_workers", self.likelihood_workers, 0, None)
         check_range("decode_actors", self.decode_actors, 0, None)
@@ -158,6 +165,18 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                       ("corpus",) if cfg.source is None else ()))
     ingest_key = steps[-1].key
     ingest = j("ingest")
+    prior = j("prior")
+    if cfg.prior_data == "shipped":
+        if subjects is None:
+            return steps
+        # Once the subjects are known: no val/test utterance of theirs is in its corpus.
+        steps.append(Step("prior", "prior", ["prior", "check", ingest, "--prior", SHIPPED,
+                                             *[a for s in subjects for a in ("--subject", s)],
+                                             "--out", j("prior-check.json")],
+                          j("prior-check.json"),
+                          h({"up": ingest_key, "prior": shipped_key(), "s": list(subjects)}),
+                          ("ingest",)))
+        return _subject_steps(cfg, root, subjects, steps, SHIPPED, ingest, ingest_key, j, h)
     if cfg.prior_data == "default":
         # After ingest: the val/test trials' utterances are kept out of the prior's corpus.
         steps.append(Step("speech", "speech", ["speech", "default", j("speech"), "--exclude-from",
@@ -182,6 +201,19 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                       h({"up": data_key, "cfg": h(prior_cfg), **({"workers": cfg.prior_workers}
                                                                 if cfg.prior_workers else {})}),
                       (data_dep,)))
+    return _subject_steps(cfg, root, subjects, steps, prior, ingest, ingest_key, j, h)
+
+
+def shipped_key() -> str:
+    """What identifies the shipped prior in step keys: its weights' hash (a new one re-decodes)."""
+    return str(storage.read_json(storage.join(str(SHIPPED_DIR), "manifest.json"))
+               .get("weights_sha256", ""))[:16]
+
+
+def _subject_steps(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None,
+                   steps: list[Step], prior: str, ingest: str, ingest_key: str,
+                   j: Callable[..., str], h: Callable[[object], str]) -> list[Step]:
+    """The per-subject steps (likelihoods, baselines), calibration, decode and evaluate."""
     if subjects is None:
         return steps
     lik_cfg = _write_config(root, "likelihood", cfg.likelihood)
@@ -210,7 +242,7 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
             fitted.append(steps[-1].key)
             fitted_names.append(steps[-1].name)
     decode_cfg = _write_config(root, "decode", cfg.decode)
-    models = ["--prior", j("prior"), "--likelihood-root", j("likelihood"),
+    models = ["--prior", prior, "--likelihood-root", j("likelihood"),
               *(["--baselines-root", j("baselines")] if kinds else [])]
     by_subject = [a for s in subjects for a in ("--subject", s)]
     preset = []
@@ -242,7 +274,7 @@ def plan(cfg: PipelineConfig, root: str, subjects: Sequence[str] | None = None) 
                          "n": cfg.max_decode_trials, "s": list(subjects)}),
                       tuple(fitted_names)))
     steps.append(Step("evaluate", "evaluate",
-                      ["evaluate", j("decoded.parquet"), ingest, j("report"), "--prior", j("prior"),
+                      ["evaluate", j("decoded.parquet"), ingest, j("report"), "--prior", prior,
                        *(["--preset-file", j("presets", f"{CALIBRATION_PRESET}.json")]
                          if preset else []),
                        "--config", _write_config(root, "evaluate", cfg.evaluate)],

@@ -89,8 +89,11 @@ def grid(cfg: SweepConfig, base) -> list[dict[str, Any]]:
 
 
 def checkpoint_ref(directory: str) -> dict[str, str]:
-    """What a preset records of a checkpoint: its path and the sha256 of its manifest."""
-    manifest = storage.read_bytes(storage.join(directory, "manifest.json"))
+    """What a preset records of a checkpoint: its path and the sha256 of its manifest
+    (``"shipped"``: the prior that ships with ssip)."""
+    from ssip.models.prior import prior_location
+
+    manifest = storage.read_bytes(storage.join(prior_location(directory), "manifest.json"))
     return {"path": directory, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
 
 

@@ -61,10 +61,10 @@ def make_speech_ingest(root: Path, *, n_trials: int, step_s: float, duration_s: 
 
 
 def write_trials_ingest(root: Path, trials: list[dict]) -> str:
-    """An ingest root holding ``trials`` as ssip-trials-v1 shards plus its manifest.
+    """An ingest root holding ``trials`` as shards of the current schema plus its manifest.
 
     Each trial: ``mel`` (80, T), ``neural`` (T, C), ``split``; optional ``subject`` (default
-    S1), ``recording`` (rec1) and ``trial_id`` (``<recording>/<split><index>``). One shard per
+    S1), ``recording`` (rec1), ``utt_id`` ('') and ``trial_id`` (``<recording>/<split><index>``). One shard per
     (subject, recording, split), as `ssip ingest` writes them.
     """
     from collections import defaultdict
@@ -84,7 +84,7 @@ def write_trials_ingest(root: Path, trials: list[dict]) -> str:
             rows.append({"subject": subject, "recording": rec,
                          "trial_id": t.get("trial_id", f"{rec}/{split}{i:04d}"),
                          "trial_index": i, "split": split, "task": "t", "transcript": "",
-                         "utt_id": "", "onset_s": 0.0, "speech_onset_s": 0.0,
+                         "utt_id": t.get("utt_id", ""), "onset_s": 0.0, "speech_onset_s": 0.0,
                          "speech_duration_s": n / 100, "n_frames": n,
                          "n_electrodes": t["neural"].shape[1], "frame_rate": 100.0,
                          "neural": t["neural"], "mel": t["mel"],

@@ -85,7 +85,7 @@ def _rows(uri: str) -> dict[tuple, bytes]:
     table = storage.read_parquet(uri)
     from ssip.data.schema import tensor_values
 
-    mels = tensor_values(table.column("mel"))
+    mels = tensor_values(table, "mel")
     out: dict[tuple, bytes] = {}
     for s, t, m, d, mel in zip(*(table.column(c).to_pylist() for c in
                                  ("subject", "trial_id", "method", "draw")), mels, strict=True):

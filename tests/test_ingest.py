@@ -236,14 +236,15 @@ def test_ray_ingest_with_a_bad_file_and_rerun(corpus, tmp_path, ray_cluster):
     rows2 = _read_trials(str(out))
     assert sorted(r["trial_id"] for r in rows2) == sorted(r["trial_id"] for r in rows)
     assert m2["n_trials"] == m["n_trials"]
-    assert json.loads((out / "manifest.json").read_text())["schema_version"] == "ssip-trials-v1"
-    # Ray Data reads the shards back as ndarrays.
-    import ray.data
-
+    assert json.loads((out / "manifest.json").read_text())["schema_version"] == "ssip-trials-v2"
+    # Ray Data reads the shards back as per-row tensors (flat data + shape columns).
     from ssip.data.dataset import trial_files
+    from ssip.data.schema import tensor_rows
+    from ssip.distributed.runtime import read_shards
 
-    batch = ray.data.read_parquet(trial_files(str(out), split="train")).take_batch(2)
-    assert batch["neural"][0].ndim == 2 and batch["mel"][0].shape[0] == 80
+    batch = read_shards(trial_files(str(out), split="train"), ["neural", "mel"]).take_batch(2)
+    neural, mel = tensor_rows(batch, "neural"), tensor_rows(batch, "mel")
+    assert neural[0].ndim == 2 and mel[0].shape[0] == 80 and mel[0].dtype == np.float32
 
 
 @pytest.mark.ray

@@ -24,7 +24,9 @@ class FakeSsip:
     def __call__(self, argv: list[str]) -> int:
         self.calls.append(argv)
         cmd = argv[0] if argv[0] not in ("corpus", "train", "speech") else argv[1]
-        if cmd == "default":
+        if argv[:2] == ["prior", "check"]:
+            storage.write_json(argv[argv.index("--out") + 1], {})
+        elif cmd == "default":
             storage.write_json(storage.join(argv[2], "card.json"), {})
         elif cmd == "build":
             storage.write_json(storage.join(argv[2], "corpus.json"), {})
@@ -44,11 +46,12 @@ class FakeSsip:
         return 0
 
     def names(self) -> list[str]:
-        return [" ".join(a[:2]) if a[0] in ("corpus", "train", "speech") else a[0] for a in self.calls]
+        return [" ".join(a[:2]) if a[0] in ("corpus", "train", "speech", "prior") else a[0]
+                for a in self.calls]
 
 
 def test_plan_lists_the_commands_a_user_would_type(tmp_path):
-    cfg = PipelineConfig()
+    cfg = PipelineConfig(prior_data="default")
     steps = plan(cfg, str(tmp_path), ["s1", "s2"])
     assert [s.name for s in steps] == [
         "corpus", "ingest", "speech", "prior", "likelihood s1", "baseline linear s1", "baseline nn s1",
@@ -133,6 +136,32 @@ def test_plan_lists_the_commands_a_user_would_type(tmp_path):
     assert plan(cfg, str(tmp_path))[0].argv[:2] == ["ingest", "/data/bids"]
 
 
+def test_the_shipped_prior_is_the_default_and_checked_not_trained(tmp_path, monkeypatch):
+    """By default no prior is trained: stage prior checks the shipped prior's corpus against the
+    val/test trials (`ssip prior check`), decode and evaluate read 'shipped', and a new shipped
+    prior (other weights) re-runs what reads it."""
+    from ssip.models.prior import SHIPPED
+
+    cfg = PipelineConfig()
+    steps = plan(cfg, str(tmp_path), ["s1"])
+    assert [s.name for s in steps] == ["corpus", "ingest", "prior", "likelihood s1",
+                                       "baseline linear s1", "baseline nn s1", "calibrate",
+                                       "decode", "evaluate"]
+    assert steps[2].argv == ["prior", "check", str(tmp_path / "ingest"), "--prior", SHIPPED,
+                             "--subject", "s1", "--out", str(tmp_path / "prior-check.json")]
+    for step in steps[-3:]:
+        assert step.argv[step.argv.index("--prior") + 1] == SHIPPED
+    fake = FakeSsip()
+    root = str(tmp_path / "run")
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names()[:3] == ["corpus build", "ingest", "prior check"]
+    assert "train prior" not in fake.names() and "speech default" not in fake.names()
+    fake.calls.clear()
+    monkeypatch.setattr("ssip.pipeline.shipped_key", lambda: "other-weights")
+    run(cfg, root, main=fake, echo=lambda *a, **k: None)
+    assert fake.names() == ["prior check", "sweep", "decode", "evaluate"]
+
+
 def test_nn_evidence_trains_the_nn_baseline_even_when_it_is_not_a_method(tmp_path):
     cfg = resolve(PipelineConfig, None, ["decode.methods=[dps]", "decode.sampler=daps",
                                          "decode.evidence=[encoding, nn]",
@@ -145,7 +174,7 @@ def test_nn_evidence_trains_the_nn_baseline_even_when_it_is_not_a_method(tmp_pat
 
 def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
     root = str(tmp_path / "run")
-    cfg = PipelineConfig()
+    cfg = PipelineConfig(prior_data="default")
     fake = FakeSsip()
     run(cfg, root, main=fake, echo=lambda *a, **k: None)
     assert fake.names() == ["corpus build", "ingest", "speech default", "train prior",
@@ -202,7 +231,7 @@ def test_resume_skips_finished_stages_and_reruns_what_changed(tmp_path):
 
 def test_failures_name_the_stage(tmp_path):
     with pytest.raises(RuntimeError, match=r"stage 'prior' exited with 3: ssip train prior"):
-        run(PipelineConfig(), str(tmp_path), echo=lambda *a, **k: None,
+        run(PipelineConfig(prior_data="default"), str(tmp_path), echo=lambda *a, **k: None,
             main=lambda argv: 3 if argv[:2] == ["train", "prior"] else FakeSsip()(argv))
     with pytest.raises(ValueError, match="force"):
         run(PipelineConfig(), str(tmp_path), force=["vocode"], main=FakeSsip())
@@ -234,7 +263,7 @@ def test_ingest_that_landed_nothing_stops_the_pipeline_with_the_reasons(tmp_path
     with pytest.raises(RuntimeError, match=r"(?s)'ingest' landed no trial \(2 file\(s\) failed\).*"
                                            r"field 'TestNum_cum'.*field 'file'"):
         run(PipelineConfig(), str(tmp_path / "b"), main=nothing, echo=lambda *a, **k: None)
-    assert "train prior" not in fake.names()
+    assert "prior check" not in fake.names()
 
 
 def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster, monkeypatch):

@@ -131,7 +131,7 @@ def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cl
         from ssip.data.schema import tensor_values
 
         out[tag] = [np.asarray(x).tobytes() for x in tensor_values(
-            pq.read_table(path, columns=["mel"]).column("mel"))]
+            pq.read_table(path, columns=["mel", "mel_shape"]), "mel")]
     assert out["preset"] == out["won"] == out["preset-ray"]
     assert out["preset"] != out["default"]
 

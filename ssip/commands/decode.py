@@ -22,7 +22,8 @@ from ssip.commands._common import (
 def register(sub) -> None:
     p = sub.add_parser("decode", help="decode trials (DPS, controls, baselines) into a table")
     p.add_argument("ingest", help="ingest root (local or s3://)")
-    p.add_argument("--prior", required=True, help="prior checkpoint folder (ssip train prior)")
+    p.add_argument("--prior", default="shipped", help="'shipped' (default: the prior that "
+                   "ships with ssip) or a prior checkpoint folder (ssip train prior)")
     p.add_argument("--likelihood-root", default=None,
                    help="folder holding one likelihood checkpoint per subject: ROOT/<subject>")
     p.add_argument("--baselines-root", default=None,

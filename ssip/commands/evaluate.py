@@ -10,8 +10,8 @@ def register(sub) -> None:
     p.add_argument("decoded", help="decoded table (parquet: subject, trial_id, method, mel)")
     p.add_argument("ingest", help="ingest root the trials were decoded from (local or s3://)")
     p.add_argument("out", help="report folder")
-    p.add_argument("--prior", default=None, help="the prior checkpoint that decoded: the report "
-                   "states its training data and the leakage check")
+    p.add_argument("--prior", default=None, help="the prior that decoded ('shipped' or a "
+                   "checkpoint folder): the report states its training data and the leakage check")
     p.add_argument("--preset-file", default=None, metavar="JSON",
                    help="the preset (ssip sweep) whose per-subject settings decoded the table: "
                         "the report states them and their validation scores")
@@ -27,11 +27,17 @@ def _evaluate(args) -> int:
         return 0
     note = ""
     if args.prior:
-        from ssip.data.leakage import leakage_statement
-        from ssip.models.checkpoint import read_manifest
+        import pyarrow.parquet as pq
 
-        note = leakage_statement(read_manifest(args.prior).get("extra", {}), args.ingest,
-                                 "decoded")
+        from ssip import storage
+        from ssip.data.leakage import leakage_statement
+        from ssip.evaluate.report import prior_leakage
+
+        fs, path = storage.filesystem(args.decoded)
+        subjects = sorted(set(pq.read_table(path, filesystem=fs, columns=["subject"])
+                              .column("subject").to_pylist()))
+        note = leakage_statement(prior_leakage(args.prior, args.ingest, subjects=subjects),
+                                 args.ingest, "decoded")
     calibration = None
     if args.preset_file:
         from ssip import storage

@@ -1,4 +1,5 @@
-"""`ssip prior sample OUT --prior DIR -n N`: listen to and look at what a mel prior generates.
+"""`ssip prior sample OUT [--prior DIR] -n N`: listen to and look at what a mel prior generates;
+`ssip prior check INGEST [--prior DIR]`: is any evaluated trial's audio in the prior's corpus?
 
 Writes N unconditional samples of the prior (the EDM Heun sampler, sample i seeded by (seed, i)
 alone) as ``OUT/sample_XX.npy`` (the (80, T) ssip mel), ``OUT/sample_XX.wav`` (16 kHz, vocoded)
@@ -12,14 +13,17 @@ import argparse
 
 # Kept here (not imported from ssip.evaluate.prior_quality) so `ssip --help` does not import torch.
 DEFAULT_STEPS = 18
+#: `ssip prior check`: an evaluated (val/test) trial's utterance is in the prior's corpus.
+EXIT_LEAKS = 5
 
 
 def register(sub) -> None:
-    p = sub.add_parser("prior", help="mel prior tools: unconditional samples")
+    p = sub.add_parser("prior", help="mel prior tools: unconditional samples, leakage check")
     psub = p.add_subparsers(dest="prior_command", required=True)
     s = psub.add_parser("sample", help="unconditional samples as .npy mels, WAVs and a figure")
     s.add_argument("out", help="folder to write the samples to")
-    s.add_argument("--prior", required=True, help="prior checkpoint folder (ssip train prior)")
+    s.add_argument("--prior", default="shipped", help="'shipped' (default: the prior that ships "
+                   "with ssip) or a prior checkpoint folder (ssip train prior)")
     s.add_argument("-n", "--n-samples", type=int, default=8, help="samples (default 8)")
     s.add_argument("--frames", type=int, default=None,
                    help="frames (10 ms) per sample, rounded up to the UNet's factor (default: the "
@@ -30,6 +34,37 @@ def register(sub) -> None:
     s.add_argument("--vocoder", default="griffinlim", choices=("griffinlim", "hifigan", "none"),
                    help="mel -> audio for the WAVs ('none': no WAVs)")
     s.set_defaults(func=_sample)
+
+    c = psub.add_parser("check", help=f"is the audio of any val/test trial of INGEST in the "
+                        f"prior's training corpus? exit 0 no, {EXIT_LEAKS} yes (listed)")
+    c.add_argument("ingest", help="ingest root whose val/test trials are evaluated")
+    c.add_argument("--prior", default="shipped", help="'shipped' (default) or a prior folder")
+    c.add_argument("--subject", action="append", default=None,
+                   help="check only this subject's trials (repeatable; default: all)")
+    c.add_argument("--out", default=None, metavar="JSON", help="also write the check as JSON")
+    c.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ssip import storage
+    from ssip.data.leakage import leakage_statement
+    from ssip.evaluate.report import prior_leakage
+
+    extra = prior_leakage(args.prior, args.ingest, content=True, subjects=args.subject)
+    leak = extra["data"].get("leakage")
+    print(leakage_statement(extra, args.ingest, "val/test"))
+    if args.out:
+        storage.write_json(args.out, {"prior": args.prior, "ingest": args.ingest,
+                                      "data": extra["data"]})
+    if not leak or leak.get("ingest_root") != args.ingest:
+        if extra["data"].get("kind") == "trials" and extra["data"].get("root") == args.ingest:
+            return 0  # its own train split: disjoint from val/test by construction
+        print(f"ssip prior check: {args.prior} cannot be checked against {args.ingest} (its "
+              "corpus is neither listed nor reachable)")
+        return 2
+    for x in leak["leaks"]:
+        print(f"  LEAK {x['trial_id']} ({x['utt_id']}) = corpus {x['corpus_utt_id']} ({x['how']})")
+    return 0 if leak["ok"] else EXIT_LEAKS
 
 
 def _sample(args: argparse.Namespace) -> int:

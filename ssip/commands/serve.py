@@ -21,7 +21,8 @@ from ssip.commands._common import (
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="online decoding over HTTP on Ray Serve")
-    p.add_argument("--prior", required=True, help="prior checkpoint folder (ssip train prior)")
+    p.add_argument("--prior", default="shipped", help="'shipped' (default: the prior that "
+                   "ships with ssip) or a prior checkpoint folder (ssip train prior)")
     p.add_argument("--likelihood-root", required=True,
                    help="folder holding one likelihood checkpoint per subject: ROOT/<subject>")
     p.add_argument("--preset", default=None, metavar="NAME",

@@ -15,7 +15,8 @@ from ssip.commands._common import add_config_args, add_ray_args, resolve_and_pri
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="tune the DPS guidance per subject on Ray Tune; save a preset")
     p.add_argument("ingest", help="ingest root (local or s3://)")
-    p.add_argument("--prior", required=True, help="prior checkpoint folder")
+    p.add_argument("--prior", default="shipped", help="'shipped' (default: the prior that "
+                   "ships with ssip) or a prior checkpoint folder (ssip train prior)")
     p.add_argument("--likelihood-root", required=True,
                    help="folder holding one likelihood checkpoint per subject: ROOT/<subject>")
     p.add_argument("--subject", action="append", required=True,

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    "from `ssip speech ingest`; several are pooled, their sources weighted by "
                    "source_weights) or one ingest root (manifest.json); local or s3://")
     q.add_argument("out", help="checkpoint folder to write")
+    q.add_argument("--init", default=None, metavar="PRIOR",
+                   help="fine-tune: start from 'shipped' (the prior that ships with ssip) or a "
+                        "prior folder (the config field init)")
     _add_ray_train_args(q, "stream the speech shards with Ray Data into N Ray Train workers "
                            "(DeepSpeed; speech corpus roots only)")
     add_ray_args(q)
@@ -138,9 +141,9 @@ def _train_prior(args) -> int:
     import numpy as np
 
     from ssip.models.prior import (
-        EDMPrior,
         PriorConfig,
         estimate_data_stats,
+        initial_prior,
         save_prior,
         source_probabilities,
         train_prior,
@@ -150,6 +153,8 @@ def _train_prior(args) -> int:
     if args.workers < 0:
         raise ValueError(f"ssip train prior: --workers={args.workers} must be >= 0")
     ray_cfg = _ray_train_config(args) if args.workers >= 1 else None
+    if args.init is not None:
+        args.overrides = [*args.overrides, f"init={args.init}"]
     cfg = resolve_and_print(PriorConfig, args)
     if cfg is None:
         return 0
@@ -158,7 +163,7 @@ def _train_prior(args) -> int:
     mels, sources, info = prior_training_mels(args.ingest)
     p = source_probabilities([m.shape[1] for m in mels], sources, cfg.source_weights or None)
     mean, sigma_data = estimate_data_stats(mels)
-    model = EDMPrior(cfg.preset, sigma_data=sigma_data, data_mean=mean)
+    model = initial_prior(cfg, sigma_data, mean)
     rng = np.random.default_rng(cfg.seed)
     stats = train_prior(model, window_batches(mels, cfg.window_frames, cfg.batch_size, rng, p=p), cfg)
     stats["data"] = info

@@ -8,8 +8,6 @@ process (single-process training, evaluation, tests).
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
-
 from ssip import storage
 from ssip.data import schema
 
@@ -48,16 +46,16 @@ def load_trials(root: str, *, subject: str | None = None, split: str | None = No
     rows: list[dict] = []
     for uri in trial_files(root, split=split, subject=subject):
         fs, path = storage.filesystem(uri)
-        table = pq.read_table(path, filesystem=fs, columns=columns)
-        version = (table.column("schema_version")[0].as_py()
-                   if table.num_rows and "schema_version" in table.column_names else schema.SCHEMA_VERSION)
-        if version != schema.SCHEMA_VERSION:
-            raise ValueError(f"{uri}: schema {table.column('schema_version')[0]} is not "
-                             f"{schema.SCHEMA_VERSION}; re-run `ssip ingest`")
+        table = schema.read_table(path, filesystem=fs, columns=columns)
+        if table.num_rows and "schema_version" in table.column_names:
+            for version in set(table.column("schema_version").to_pylist()):
+                schema.check_version(uri, version, schema.SCHEMA_VERSIONS, "ssip ingest")
         data = {}
         for name in table.column_names:
+            if schema.is_shape_column(name, table.column_names):
+                continue  # read with its tensor
             kind = schema.TRIAL_COLUMNS.get(name, (None,))[0]
-            data[name] = (schema.tensor_values(table.column(name)) if kind == "tensor"
+            data[name] = (schema.tensor_values(table, name) if kind == "tensor"
                           else table.column(name).to_pylist())
         rows.extend(dict(zip(data, vals, strict=True)) for vals in zip(*data.values(), strict=True))
     rows.sort(key=lambda r: (r.get("subject", ""), r.get("trial_id", "")))

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from ssip.config import ConfigError, check_range, field, to_dict
-from ssip.data.speech import DEBIAN_VOICES, read_pocketsphinx, voice_prompts
+from ssip.data.speech import DEBIAN_VOICES, read_pocketsphinx, recording_twins, voice_prompts
 from ssip.data.speech_corpus import SpeechIngestConfig
 
 DEFAULT_WEIGHTS = {
@@ -129,31 +129,6 @@ def espeak_language(voice: str) -> str:
                                           for i, p in enumerate(parts[1:])])
 
 
-def _said(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def same_recordings(voices: list[str], exclude: set[str]) -> set[str]:
-    """Prompts of ``voices`` that repeat an excluded prompt: the same speaker saying the same
-    transcript under another name.
-
-    Debian's voices ship some recordings twice (asterisk-en ``queue-seconds`` and ``seconds``: one
-    recording in two encodings, so neither the id nor the bytes match; their mels correlate
-    0.998). Excluding by id alone would let the twin of an evaluated trial into the prior.
-    Matching on the transcript drops a few different takes of the same words too: the safe side.
-    """
-    said: set[tuple[str, str]] = set()
-    prompts: list[tuple[str, str, str]] = []
-    for name in voices:
-        speaker = DEBIAN_VOICES[name].speaker
-        for uid, _, text in voice_prompts(name):
-            prompts.append((uid, speaker, _said(text or "")))
-            if uid in exclude and text:
-                said.add((speaker, _said(text)))
-    return {uid for uid, speaker, text in prompts
-            if text and (speaker, text) in said and uid not in exclude}
-
-
 def _texts(voice: str, exclude: set[str]) -> list[tuple[str, str]]:
     # (utt_id, text) of a voice's prompts, never an excluded one.
     return [(uid, text) for uid, _, text in voice_prompts(voice) if uid not in exclude and text]
@@ -172,7 +147,7 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
     exclude : set of str
         Utterance ids that must not enter the corpus (the evaluated trials' utterances); no
         synthetic voice speaks their texts either, and no twin recording of them
-        (:func:`same_recordings`) enters.
+        (:func:`ssip.data.speech.recording_twins`) enters.
 
     Returns
     -------
@@ -181,8 +156,8 @@ def build_default_speech(out_dir: str | Path, cfg: DefaultSpeechConfig,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    twins = same_recordings(sorted({*cfg.voices, *cfg.espeak_voices.values()}), set(exclude))
-    exclude = set(exclude) | twins
+    twins = recording_twins(sorted({*cfg.voices, *cfg.espeak_voices.values()}), set(exclude))
+    exclude = set(exclude) | set(twins)
     heldout = set(cfg.heldout_voices)
     # A held-out voice's speaker is absent everywhere (Allison speaks both English and Spanish).
     heldout_speakers = {DEBIAN_VOICES[h].speaker for h in heldout}

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from ssip.data.dataset import load_trials
+from ssip.data.speech import DEBIAN_VOICES, recording_twins
 from ssip.data.speech_corpus import load_speech
 
 #: Splits whose trials are evaluated or used to choose settings: never in the prior's corpus.
@@ -134,6 +135,39 @@ def check_leakage(ingest_root: str, speech_root: str, splits: Sequence[str] = HE
             "n_corpus": len(corpus), "splits": list(splits), "leaks": leaks, "ok": not leaks}
 
 
+def check_id_leakage(ingest_root: str, corpus_ids: set[str],
+                     splits: Sequence[str] = HELD_OUT_SPLITS,
+                     subjects: Sequence[str] | None = None) -> dict:
+    """Compare the held-out trials of an ingest root (of ``subjects``, default all) with a corpus
+    known only by its utterance ids (the shipped prior's: its audio is not in the repository),
+    by id and by twin recording (:func:`ssip.data.speech.recording_twins`). Same keys as
+    :func:`check_leakage`, plus ``subjects``."""
+    trials = [t for split in splits for subject in (subjects or [None]) for t in load_trials(
+        ingest_root, split=split, subject=subject,
+        columns=["schema_version", "trial_id", "utt_id"])]
+    ev_ids = {u: t["trial_id"] for t in trials for u in utterance_ids(t["utt_id"])}
+    voices = sorted({u.split("/", 1)[0] for u in ev_ids} & set(DEBIAN_VOICES))
+    twins = recording_twins(voices, set(ev_ids))
+    leaks = []
+    for uid in sorted(corpus_ids):
+        parts = uid.split("/", 2)
+        if uid in ev_ids:
+            hit, how = uid, "id"
+        elif uid in twins:
+            hit, how = twins[uid], "same-recording"
+        elif len(parts) == 3 and parts[2] in ev_ids:
+            hit, how = parts[2], "synthetic-text"
+        else:
+            continue
+        leaks.append({"trial_id": ev_ids[hit], "utt_id": hit, "corpus_utt_id": uid, "how": how,
+                      "correlation": float("nan")})
+    return {"n_evaluated": len(trials), "n_without_id": sum(1 for t in trials if not t["utt_id"]),
+            "n_corpus": len(corpus_ids), "splits": list(splits), "leaks": leaks,
+            "n_leaks": len(leaks), "ok": not leaks, "ingest_root": ingest_root,
+            "subjects": list(subjects or []),
+            "compared": "utterance id and twin recordings (not content)"}
+
+
 def leakage_statement(prior_extra: dict, ingest_root: str, split: str) -> str:
     """One sentence for a report: what the prior trained on and whether evaluated audio was in it.
 
@@ -147,9 +181,12 @@ def leakage_statement(prior_extra: dict, ingest_root: str, split: str) -> str:
                 + (f"; the evaluated {split} split is disjoint from them (each utterance is one "
                    f"trial's)." if same else f", not on {ingest_root}: check it holds none of "
                                                  f"the evaluated trials' audio."))
-    if data.get("kind") == "speech":
+    if data.get("kind") in ("speech", "shipped"):
         head = (f"the prior trained on the speech corpus {data.get('root')} "
                 f"({data.get('n_utterances')} utterances, {data.get('n_speakers')} speakers)")
+        if data.get("kind") == "shipped":
+            head = (f"the prior is the one shipped with ssip ({data.get('n_utterances')} "
+                    f"utterances of natural recorded speech, {data.get('n_speakers')} speakers)")
         leak = data.get("leakage")
         if not leak:
             return head + "; it was not checked against the evaluated trials (no leakage.json)."
@@ -158,7 +195,8 @@ def leakage_statement(prior_extra: dict, ingest_root: str, split: str) -> str:
         where = "" if leak.get("ingest_root") == ingest_root else \
             f" (checked against {leak.get('ingest_root')}, not {ingest_root})"
         held = ", ".join(leak.get("heldout_speakers") or []) or "none"
+        how = leak.get("compared", "utterance id and mel content")
         return (f"{head}; {verdict}: {leak.get('n_evaluated')} {'/'.join(leak.get('splits', []))} "
-                f"trials compared by utterance id and mel content{where}; voices held out of the "
-                f"prior entirely: {held}.")
+                f"trials compared by {how}{where}; voices held out of the prior entirely: "
+                f"{held}.")
     return "the prior's checkpoint does not record its training data (trained before ssip 0.2?)."

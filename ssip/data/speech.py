@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 import wave
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,6 +483,33 @@ def read_source(source: str, limit: int | None = None) -> list[Utterance]:
 
 
 #: Sources :func:`read_source` reads (each utterance with its transcript).
+def _said(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def recording_twins(voices: Sequence[str], ids: set[str]) -> dict[str, str]:
+    """Prompts of ``voices`` that repeat one of ``ids`` under another name (the same speaker
+    saying the same transcript), each mapped to the id it repeats.
+
+    Debian's voices ship some recordings twice (asterisk-en ``queue-seconds`` and ``seconds``: one
+    recording in two encodings, so neither the id nor the bytes match; their mels correlate
+    0.998): keeping an evaluated prompt out of a prior by id alone would let its twin in.
+    Matching on the transcript also catches a few different takes of the same words: the safe
+    side. Prompts without a transcript are never twins.
+    """
+    said: dict[tuple[str, str], str] = {}
+    prompts: list[tuple[str, str, str]] = []
+    for name in voices:
+        speaker = DEBIAN_VOICES[name].speaker
+        for uid, _, text in voice_prompts(name):
+            key = (speaker, _said(text or ""))
+            prompts.append((uid, *key))
+            if uid in ids and key[1]:
+                said.setdefault(key, uid)
+    return {uid: said[(speaker, text)] for uid, speaker, text in prompts
+            if text and (speaker, text) in said and uid not in ids}
+
+
 SPEECH_SOURCES = ["asterisk", "pocketsphinx"] + [k for k, v in DEBIAN_VOICES.items()
                                                 if v.transcripts is not None]
 

@@ -879,15 +879,14 @@ def load_speech(root: str, columns: list[str] | None = None) -> list[dict]:
     FileNotFoundError
         No card.json (the ingest never finished).
     ValueError
-        The card or a shard has another schema version, or a column is unknown.
+        The card or a shard has an unknown schema version, or a column is unknown.
     """
     card = read_card(root)
     if card is None:
         raise FileNotFoundError(f"{storage.join(root, CARD)} does not exist: run `ssip speech ingest "
                                 f"SRC {root}` (the card is written last, when the ingest finishes)")
-    if card.get("schema_version") != schema.SPEECH_SCHEMA_VERSION:
-        raise ValueError(f"{storage.join(root, CARD)}: schema {card.get('schema_version')!r} is not "
-                         f"{schema.SPEECH_SCHEMA_VERSION!r}; re-run `ssip speech ingest`")
+    schema.check_version(storage.join(root, CARD), card.get("schema_version"),
+                         schema.SPEECH_SCHEMA_VERSIONS, "ssip speech ingest")
     if columns is not None:
         unknown = sorted(set(columns) - set(schema.SPEECH_COLUMNS))
         if unknown:
@@ -897,17 +896,16 @@ def load_speech(root: str, columns: list[str] | None = None) -> list[dict]:
     for shard in card["shards"]:
         uri = storage.join(root, shard["path"])
         fs, path = storage.filesystem(uri)
-        table = pq.read_table(path, filesystem=fs, columns=read_cols)
-        versions = set(table.column("schema_version").to_pylist())
-        if versions != {schema.SPEECH_SCHEMA_VERSION}:
-            raise ValueError(f"{uri}: schema {sorted(versions)} is not "
-                             f"{schema.SPEECH_SCHEMA_VERSION!r}; re-run `ssip speech ingest`")
+        table = schema.read_table(path, filesystem=fs, columns=read_cols)
+        for version in sorted(set(table.column("schema_version").to_pylist())):
+            schema.check_version(uri, version, schema.SPEECH_SCHEMA_VERSIONS, "ssip speech ingest")
         data = {}
         for name in table.column_names:
-            if columns is not None and name not in columns:
+            if (columns is not None and name not in columns) \
+                    or schema.is_shape_column(name, table.column_names):
                 continue
             if schema.SPEECH_COLUMNS[name][0] == "tensor":
-                data[name] = [np.asarray(a, np.float32) for a in schema.tensor_values(table.column(name))]
+                data[name] = [np.asarray(a, np.float32) for a in schema.tensor_values(table, name)]
             else:
                 data[name] = table.column(name).to_pylist()
         rows.extend(dict(zip(data, vals, strict=True)) for vals in zip(*data.values(), strict=True))

@@ -53,13 +53,19 @@ import pyarrow.parquet as pq
 from ssip import storage
 from ssip.config import check_range, field, from_dict
 from ssip.data.dataset import trial_files
-from ssip.data.schema import decoded_rows_table, tensor_values
+from ssip.data.schema import (
+    current_layout,
+    decoded_rows_table,
+    read_table,
+    tensor_rows,
+    tensor_values,
+)
 from ssip.decode import DecodeConfig, decode_trials, padded_length
 from ssip.distributed.metrics import make as make_metric
-from ssip.distributed.runtime import init_ray
+from ssip.distributed.runtime import init_ray, read_shards
 from ssip.models.baselines import load_baseline
 from ssip.models.likelihood import load_likelihood
-from ssip.models.prior import load_prior
+from ssip.models.prior import load_prior, prior_location
 from ssip.sampling import NonFiniteSampleError
 
 log = logging.getLogger(__name__)
@@ -228,10 +234,10 @@ class DecodeActor:
             found: dict[str, np.ndarray] = {}
             for uri in self.shards.get(subject, []):  # the readable shards only
                 fs, path = storage.filesystem(uri)
-                table = pq.read_table(path, filesystem=fs, columns=["trial_id", "neural"])
+                table = read_table(path, filesystem=fs, columns=["trial_id", "neural"])
                 found.update(zip(table.column("trial_id").to_pylist(),
                                  (np.asarray(x, np.float32)
-                                  for x in tensor_values(table.column("neural"))), strict=True))
+                                  for x in tensor_values(table, "neural")), strict=True))
             self.split_neural[subject] = found
         x = self.split_neural[subject][self.partners[f"{subject}/{trial_id}"]]
         # A control only needs another trial's data: a partner that holds NaN/Inf (itself
@@ -244,7 +250,8 @@ class DecodeActor:
         unit = self.units[key]
         subject = unit["subject"]
         order = {t: i for i, t in enumerate(unit["trial_ids"])}
-        rows = sorted(zip(group["trial_id"], group["neural"], group["n_frames"], strict=True),
+        rows = sorted(zip(group["trial_id"], tensor_rows(group, "neural"), group["n_frames"],
+                          strict=True),
                       key=lambda r: order.get(str(r[0]), len(order)))
         likelihood, baselines, error = self._models(subject)
         quarantine, trials = [], []
@@ -384,6 +391,7 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
     """
     bulk = bulk or BulkDecodeConfig()
     # Actors may run in another working directory (another node): local paths made absolute.
+    prior = prior_location(prior)  # "shipped": the package's folder, on every worker too
     ingest, out, prior = (storage.absolute(x) for x in (ingest, out, prior))
     likelihood_root, baselines_root = (storage.absolute(x) for x in (likelihood_root,
                                                                      baselines_root))
@@ -439,7 +447,7 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
         if not storage.exists(uri):
             raise RuntimeError(f"decode run {run_key}: unit {u['key']} of {u['subject']} "
                                f"(trials {u['trial_ids']}) was not written; re-run to resume")
-        tables.append(storage.read_parquet(uri))
+        tables.append(current_layout(storage.read_parquet(uri)))  # units of a v1 run too
         q = quarantine_uri(work, u["subject"], u["key"])
         if storage.exists(q):
             quarantine += storage.read_parquet(q).to_pylist()
@@ -488,9 +496,7 @@ def _run_actors(index, good, pending, partners, work, run_key, prior, likelihood
     embedded = init_ray(address, num_cpus)
     try:
         unit_of = {f"{u['subject']}/{t}": u["key"] for u in pending for t in u["trial_ids"]}
-        fs, _ = storage.filesystem(good[0])
-        paths = [storage.filesystem(u)[1] for u in good]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS)
+        ds = read_shards(good, READ_COLUMNS)
         ds = ds.map_batches(tag_units, batch_format="numpy", fn_kwargs={"unit_of": unit_of})
         units = {u["key"]: u for u in pending}
         shards: dict[str, list[str]] = defaultdict(list)

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any
+
+from ssip import storage
+from ssip.data import schema
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +51,37 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         )
         return True
     return False
+
+
+def read_shards(uris: Sequence[str], columns: Sequence[str], **read_kw: Any):
+    """``ray.data.read_parquet`` of ssip shards (trials, speech) of any schema version, with
+    every tensor column in the current layout (``<name>`` flat + ``<name>_shape``).
+
+    Each tensor column of ``columns`` brings its shape column, so a map function gets per-row
+    tensors from a numpy batch with :func:`ssip.data.schema.tensor_rows`. Shards of schema v1
+    (Ray's tensor extension) are converted on the fly (:func:`ssip.data.schema.current_layout`,
+    no copy of the data); a mix of v1 and v2 shards (an old root partly re-ingested) is read as
+    two datasets, v1's shards first, and unioned. ``read_kw`` goes to both reads (e.g.
+    ``shuffle``). All ``uris`` must be on one filesystem.
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    fs, _ = storage.filesystem(uris[0])
+    paths = [storage.filesystem(u)[1] for u in uris]
+    old, new, wanted = [], [], list(columns)
+    for path in paths:
+        file_schema = pq.read_schema(path, filesystem=fs)
+        if any(c in file_schema.names and schema.is_v1_tensor(file_schema.field(c).type)
+               for c in columns):
+            old.append(path)
+        else:
+            new.append(path)
+            wanted = schema.with_shape_columns(wanted, file_schema.names)
+    parts = []
+    if new:
+        parts.append(ray.data.read_parquet(new, filesystem=fs, columns=wanted, **read_kw))
+    if old:
+        parts.append(ray.data.read_parquet(old, filesystem=fs, columns=list(columns), **read_kw)
+                     .map_batches(schema.current_layout, batch_format="pyarrow"))
+    return parts[0] if len(parts) == 1 else parts[1].union(parts[0])

@@ -63,7 +63,7 @@ from ssip.decode import DecodeConfig, decode_trials
 from ssip.distributed.metrics import make as make_metric
 from ssip.distributed.runtime import init_ray
 from ssip.models.likelihood import load_likelihood
-from ssip.models.prior import load_prior
+from ssip.models.prior import load_prior, prior_location
 from ssip.models.vocoder import get_vocoder
 from ssip.presets import load_preset, presets_root
 
@@ -442,6 +442,7 @@ def build_app(*, prior: str, likelihood_root: str, decode, serve: ServeConfig,
     """The bound Serve application (``serve.run`` it, or return it from an app builder)."""
     from ray import serve as ray_serve
 
+    prior = prior_location(prior)  # "shipped": the package's folder
     prior, likelihood_root = storage.absolute(prior), storage.absolute(likelihood_root)
     options: dict[str, Any] = {"num_cpus": serve.cpus_per_replica,
                                "num_gpus": serve.gpus_per_replica}

@@ -37,7 +37,7 @@ from ssip.distributed.runtime import init_ray
 from ssip.evaluate.metrics import mel_pcc
 from ssip.models.baselines import load_baseline
 from ssip.models.likelihood import load_likelihood
-from ssip.models.prior import load_prior
+from ssip.models.prior import load_prior, prior_location
 from ssip.presets import SweepConfig, checkpoint_ref, grid, presets_root, save_preset_entry
 
 __all__ = ["SweepConfig", "load_sweep_inputs", "run_sweep", "score_chunks"]
@@ -110,6 +110,7 @@ def run_sweep(ingest: str, subject: str, *, prior: str, likelihood_root: str, ba
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    prior = prior_location(prior)  # "shipped": the package's folder
     ingest, prior, likelihood_root = (storage.absolute(x) for x in (ingest, prior,
                                                                      likelihood_root))
     baselines_root = storage.absolute(baselines_root) if baselines_root else None

@@ -57,7 +57,7 @@ import numpy as np
 from ssip import storage
 from ssip.config import ConfigError, from_dict
 from ssip.data.dataset import MANIFEST, load_trials, trial_files
-from ssip.data.schema import tensor_values
+from ssip.data.schema import read_table, tensor_rows, tensor_values
 from ssip.distributed.engine import (
     RayTrainConfig,
     TrainMetrics,
@@ -75,7 +75,7 @@ from ssip.distributed.engine import (
     set_lr,
     stable_key,
 )
-from ssip.distributed.runtime import init_ray
+from ssip.distributed.runtime import init_ray, read_shards
 from ssip.mel import N_MELS
 from ssip.models.checkpoint import read_manifest
 from ssip.models.likelihood import (
@@ -133,11 +133,11 @@ def subject_index(ingest: str, subject: str, cfg: LikelihoodConfig) -> SubjectIn
     for uri in uris:
         fs, path = storage.filesystem(uri)
         columns = ["n_frames", "n_electrodes"] + (["mel"] if cfg.kind == "conv" else [])
-        table = pq.read_table(path, filesystem=fs, columns=columns)
+        table = read_table(path, filesystem=fs, columns=columns)
         lengths.extend(table.column("n_frames").to_pylist())
         electrodes.update(table.column("n_electrodes").to_pylist())
         if cfg.kind == "conv":
-            mels.extend(np.asarray(m, np.float32) for m in tensor_values(table.column("mel")))
+            mels.extend(np.asarray(m, np.float32) for m in tensor_values(table, "mel"))
     if len(electrodes) != 1:
         raise ValueError(f"likelihood on Ray: subject {subject!r}'s train shards {uris} hold "
                          f"{sorted(electrodes)} electrodes; one count per subject is needed "
@@ -169,7 +169,9 @@ def cut_trial_windows(batch: dict[str, np.ndarray], *, window: int, past: int, l
     Parameters
     ----------
     batch : dict of ndarray
-        Columns trial_id, n_frames, mel (object array of (80, T_i)) and neural ((T_i, C)).
+        Columns trial_id, n_frames, mel (80, T_i) and neural (T_i, C), one tensor per row
+        (as flat rows + ``mel_shape`` / ``neural_shape``, see :func:`read_shards`, or as
+        an object array of ndarrays).
     window, past, lookahead : int
         Window frames, and the frames of context before and after it the head reaches.
     windows_per_epoch : int
@@ -195,8 +197,8 @@ def cut_trial_windows(batch: dict[str, np.ndarray], *, window: int, past: int, l
     span = past + window + lookahead
     mels, neurals, reals, losses = [], [], [], []
     pos = np.arange(span)
-    for tid, n, mel, y in zip(batch["trial_id"], batch["n_frames"], batch["mel"],
-                              batch["neural"], strict=True):
+    for tid, n, mel, y in zip(batch["trial_id"], batch["n_frames"], tensor_rows(batch, "mel"),
+                              tensor_rows(batch, "neural"), strict=True):
         t = int(n)
         rng = np.random.default_rng([epoch_seed, pass_index, *stable_key(str(tid))])
         k = int(rng.poisson(windows_per_epoch * per_frame * t))
@@ -228,13 +230,9 @@ def cut_trial_windows(batch: dict[str, np.ndarray], *, window: int, past: int, l
 def trial_window_dataset(index: SubjectIndex, cfg: LikelihoodConfig, *, windows_per_epoch: int):
     """Random training windows of one subject's train trials as a Ray Dataset (see
     :func:`cut_trial_windows`)."""
-    import ray
     from ray.data import FileShuffleConfig
 
-    fs, _ = storage.filesystem(index.uris[0])
-    paths = [storage.filesystem(u)[1] for u in index.uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=WINDOW_COLUMNS,
-                               shuffle=FileShuffleConfig(seed=cfg.seed))
+    ds = read_shards(index.uris, WINDOW_COLUMNS, shuffle=FileShuffleConfig(seed=cfg.seed))
     return ds.map_batches(cut_trial_windows, batch_format="numpy", fn_kwargs={
         "window": cfg.window_frames, "past": cfg.past, "lookahead": cfg.lookahead,
         "windows_per_epoch": int(windows_per_epoch), "per_frame": 1.0 / index.n_frames,

@@ -5,7 +5,8 @@ step holds the corpus in memory, and the driver reads only small columns.
 
 Data (:func:`window_dataset`)
     ``ray.data.read_parquet`` of every shard that the corpus cards list (columns utt_id, source,
-    n_frames, mel), then a ``map_batches`` that cuts random windows on the fly: utterance i gives
+    n_frames, mel; through :func:`~ssip.distributed.runtime.read_shards`, any schema version),
+    then a ``map_batches`` that cuts random windows on the fly: utterance i gives
     k_i ~ Poisson(windows_per_epoch * p_i) windows, where p_i comes from
     :func:`ssip.models.prior.source_probabilities` (source weights shared within a source by
     length, computed on the driver from (source, n_frames) only; the map gets the resulting
@@ -86,14 +87,14 @@ from ssip.distributed.engine import (
     set_lr,
     stable_key,
 )
-from ssip.distributed.runtime import init_ray
+from ssip.distributed.runtime import init_ray, read_shards
 from ssip.models.checkpoint import read_manifest
 from ssip.models.prior import (
     EMA,
-    EDMPrior,
     PriorConfig,
     ema_beta,
     estimate_data_stats,
+    initial_prior,
     learning_rate,
     prior_loss,
     random_windows,
@@ -163,9 +164,8 @@ def shard_uris(roots: str | Sequence[str]) -> list[str]:
             raise FileNotFoundError(f"{storage.join(root, CARD)} does not exist: distributed prior "
                                     f"training reads speech corpus roots (from `ssip speech "
                                     f"ingest`).{hint}")
-        if card.get("schema_version") != schema.SPEECH_SCHEMA_VERSION:
-            raise ValueError(f"{storage.join(root, CARD)}: schema {card.get('schema_version')!r} is "
-                             f"not {schema.SPEECH_SCHEMA_VERSION!r}; re-run `ssip speech ingest`")
+        schema.check_version(storage.join(root, CARD), card.get("schema_version"),
+                             schema.SPEECH_SCHEMA_VERSIONS, "ssip speech ingest")
         shards = card.get("shards") or []
         if not shards:
             raise ValueError(f"{storage.join(root, CARD)} lists no shards: the corpus has no "
@@ -175,11 +175,9 @@ def shard_uris(roots: str | Sequence[str]) -> list[str]:
 
 
 def _read_columns(uri: str, columns: list[str]):
-    import pyarrow.parquet as pq
-
     fs, path = storage.filesystem(uri)
     try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        return schema.read_table(path, filesystem=fs, columns=columns)
     except (OSError, KeyError) as e:
         raise OSError(f"speech shard {uri}: cannot read columns {columns}: {e}") from e
 
@@ -233,7 +231,7 @@ def data_stats(uris: Sequence[str], *, max_frames: int = 500_000, seed: int = 0
     frames = 0
     for i in np.random.default_rng(seed).permutation(len(uris)):
         table = _read_columns(uris[i], ["mel"])
-        mels.extend(np.asarray(m, np.float32) for m in schema.tensor_values(table.column("mel")))
+        mels.extend(np.asarray(m, np.float32) for m in schema.tensor_values(table, "mel"))
         frames = sum(m.shape[1] for m in mels)
         if frames >= max_frames:
             break
@@ -252,7 +250,9 @@ def cut_windows(batch: dict[str, np.ndarray], *, window: int, windows_per_epoch:
     Parameters
     ----------
     batch : dict of ndarray
-        Columns utt_id, source, n_frames and mel (object array of (80, T_i) float32).
+        Columns utt_id, source, n_frames and mel ((80, T_i) float32 per row: flat rows +
+        ``mel_shape`` as :func:`~ssip.distributed.runtime.read_shards` gives them, or an object
+        array of ndarrays).
     window : int
         Window length in frames.
     windows_per_epoch : int
@@ -275,8 +275,8 @@ def cut_windows(batch: dict[str, np.ndarray], *, window: int, windows_per_epoch:
         pass_index = int(getattr(DataContext.get_current(), "_execution_idx", 0))
     out = []
     n_mels = None
-    for utt, src, n, mel in zip(batch["utt_id"], batch["source"], batch["n_frames"], batch["mel"],
-                                strict=True):
+    for utt, src, n, mel in zip(batch["utt_id"], batch["source"], batch["n_frames"],
+                                schema.tensor_rows(batch, "mel"), strict=True):
         rng = np.random.default_rng([epoch_seed, pass_index, *stable_key(str(utt))])
         k = int(rng.poisson(windows_per_epoch * per_frame.get(str(src), 0.0) * int(n)))
         mel = np.asarray(mel, np.float32)  # (80, T)
@@ -312,7 +312,6 @@ def window_dataset(roots: str | Sequence[str], cfg: PriorConfig, *, windows_per_
         Rows ``{"x": (80, window_frames) float32}``, in file order (not shuffled: the trainer
         shuffles in a local buffer, see the module docstring).
     """
-    import ray
     from ray.data import FileShuffleConfig
 
     if windows_per_epoch < 1:
@@ -322,10 +321,7 @@ def window_dataset(roots: str | Sequence[str], cfg: PriorConfig, *, windows_per_
     if len(kinds) > 1:
         raise ValueError(f"speech shards {index.uris[:3]}...: mixed local and s3:// shards; put all "
                          f"corpora on one kind of storage")
-    fs, _ = storage.filesystem(index.uris[0])
-    paths = [storage.filesystem(u)[1] for u in index.uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=WINDOW_COLUMNS,
-                               shuffle=FileShuffleConfig(seed=epoch_seed))
+    ds = read_shards(index.uris, WINDOW_COLUMNS, shuffle=FileShuffleConfig(seed=epoch_seed))
     return ds.map_batches(cut_windows, batch_format="numpy", fn_kwargs={
         "window": cfg.window_frames, "windows_per_epoch": int(windows_per_epoch),
         "epoch_seed": int(epoch_seed), "per_frame": index.per_frame})
@@ -506,8 +502,8 @@ def prior_worker_loop(config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if ray_cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
-    net = EDMPrior(cfg.preset, sigma_data=config["sigma_data"], data_mean=config["data_mean"],
-                   **config.get("unet", {})).to(device)
+    net = initial_prior(cfg, config["sigma_data"], config["data_mean"],
+                        config.get("unet", {})).to(device)
     ema = EMA(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay)

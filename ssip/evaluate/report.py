@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from ssip import storage
 from ssip.config import check_option, field
 from ssip.data.dataset import load_trials
-from ssip.data.schema import tensor_values
+from ssip.data.schema import shape_column, tensor_values
 from ssip.evaluate import metrics as M
 from ssip.mel import MEL_FLOOR
 
@@ -56,8 +57,9 @@ def read_decoded(uri: str) -> list[dict]:
     missing = {"subject", "trial_id", "method", "mel"} - set(table.column_names)
     if missing:
         raise ValueError(f"{uri}: decoded table lacks column(s) {sorted(missing)}")
-    mels = tensor_values(table.column("mel"))
-    rest = table.drop(["mel"]).to_pylist()
+    mels = tensor_values(table, "mel")  # mel + mel_shape, or an older table's extension column
+    rest = table.drop([c for c in ("mel", shape_column("mel")) if c in table.column_names]
+                      ).to_pylist()
     for r, m in zip(rest, mels, strict=True):
         r["mel"] = np.asarray(m, dtype=np.float32)
     return rest
@@ -198,6 +200,34 @@ def figure(path: str, mels: dict[str, np.ndarray], title: str,
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def prior_leakage(prior: str, ingest_root: str, *, content: bool = False,
+                  subjects: Sequence[str] | None = None) -> dict:
+    """The ``extra`` of a prior's manifest (its training data) with ``data.leakage``, the check
+    against the val/test trials of ``ingest_root``, filled in where it is done now: by utterance
+    id for a prior that lists its corpus's ids (the shipped prior: its audio is not in the
+    repository); with ``content``, by id and mel content for a prior whose speech corpus is
+    reachable. Otherwise the check recorded when the corpus was built stays (``ssip speech
+    default --exclude-from``). ``subjects`` limits the id check to theirs (default all).
+    ``data.leakage.ok`` False means a leak."""
+    from ssip.data.leakage import check_id_leakage, check_leakage
+    from ssip.models.checkpoint import read_manifest
+    from ssip.models.prior import corpus_utterances, prior_location
+
+    extra = dict(read_manifest(prior_location(prior)).get("extra", {}))
+    data = dict(extra.get("data") or {})
+    ids = corpus_utterances(prior)
+    if ids is not None:
+        data["leakage"] = {**check_id_leakage(ingest_root, ids, subjects=subjects),
+                           "heldout_speakers": data.get("heldout_speakers", [])}
+    elif content and data.get("kind") == "speech" and data.get("root") \
+            and storage.exists(storage.join(str(data["root"]), "card.json")):
+        leak = check_leakage(ingest_root, str(data["root"]))
+        data["leakage"] = {**leak, "n_leaks": len(leak["leaks"]), "ingest_root": ingest_root,
+                           "heldout_speakers": (data.get("leakage") or {}).get("heldout_speakers", [])}
+    extra["data"] = data
+    return extra
 
 
 def calibration_statement(preset: dict) -> str:

@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -531,6 +532,9 @@ class PriorConfig:
     source_weights: dict[str, float] = field(
         default_factory=dict, help="share of training windows per speech source (a speech "
         "corpus's 'source' column); empty = every frame equally likely")
+    init: str = field("", help="start from these weights instead of random ones (fine-tuning): "
+                      "'shipped' (the prior that ships with ssip) or a prior checkpoint folder; "
+                      "the network keeps that prior's data mean and sigma_data; '' = from scratch")
 
     def __post_init__(self) -> None:
         check_option("preset", self.preset, PRESETS)
@@ -784,10 +788,53 @@ def save_prior(directory: str, model: EDMPrior, cfg: PriorConfig, *, ema: EMA | 
     return save_checkpoint(directory, state, {"kind": "prior", "config": cfg, "extra": extra})
 
 
+#: The name that stands for the prior shipped with ssip wherever a prior folder is asked for.
+SHIPPED = "shipped"
+#: Where the shipped prior lives: weights, manifest, model card and its corpus's utterance ids.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "prior"
+
+
+#: File of a shipped prior's folder listing its training corpus's utterance ids, one per line.
+UTTERANCES_NAME = "utterances.txt"
+
+
+def prior_location(directory: str) -> str:
+    """The folder of a prior: ``"shipped"`` is :data:`SHIPPED_DIR`, anything else is itself."""
+    return str(SHIPPED_DIR) if directory == SHIPPED else directory
+
+
+def corpus_utterances(directory: str) -> set[str] | None:
+    """Utterance ids a prior trained on when its folder lists them (:data:`UTTERANCES_NAME`: the
+    shipped prior, whose corpus is not in the repository); None otherwise."""
+    from ssip import storage
+
+    path = storage.join(prior_location(directory), UTTERANCES_NAME)
+    if not storage.exists(path):
+        return None
+    return {line.strip() for line in storage.read_bytes(path).decode().splitlines() if line.strip()}
+
+
+def initial_prior(cfg: PriorConfig, sigma_data: float, data_mean: Any,
+                  unet: dict[str, Any] | None = None) -> EDMPrior:
+    """The network training starts from: a fresh one with the data's statistics, or the weights
+    of ``cfg.init`` (fine-tuning), which keep the statistics that prior was trained with."""
+    if not cfg.init:
+        return EDMPrior(cfg.preset, sigma_data=sigma_data, data_mean=data_mean, **(unet or {}))
+    model, manifest = load_prior(cfg.init)
+    if model.preset != cfg.preset or (unet and any(model.unet_kwargs.get(k) != v
+                                                   for k, v in unet.items())):
+        raise ConfigError(f"init={cfg.init!r} is a {model.preset!r} prior "
+                          f"({manifest.get('extra', {}).get('unet')}); set preset: "
+                          f"{model.preset} to fine-tune it")
+    return model
+
+
 def load_prior(directory: str) -> tuple[EDMPrior, dict[str, Any]]:
-    """Load a prior saved by :func:`save_prior`; refuses another kind, mel version or size."""
+    """Load a prior saved by :func:`save_prior` (``"shipped"``: the prior that ships with ssip);
+    refuses another kind, mel version or size."""
     from ssip.models.checkpoint import CheckpointError, load_checkpoint, read_manifest
 
+    directory = prior_location(directory)
     manifest = read_manifest(directory)
     if manifest.get("kind") != "prior" or manifest.get("mel_version") != MEL_VERSION:
         load_checkpoint(directory, "prior")  # raises the standard refusal naming the field
