@@ -108,18 +108,26 @@ def tensor_columns(name: str, arrays: Sequence[np.ndarray]) -> dict[str, pa.Arra
 
     Every tensor needs the same number of dimensions; data is C-ordered float32, back to back.
     """
+    tensors, flat = _flat_tensors(arrays, f"tensor column {name!r}", "no rows")
+    return {name: flat,
+            shape_column(name): pa.array([t.shape for t in tensors], TENSOR_SHAPE_TYPE)}
+
+
+def _flat_tensors(arrays: Sequence[np.ndarray], what: str,
+                  empty: str) -> tuple[list[np.ndarray], pa.LargeListArray]:
+    """The tensors as C-ordered float32 and their data back to back as one large_list per row
+    (the data column of both layouts); ``what`` and ``empty`` word the errors."""
     tensors = [np.ascontiguousarray(a, np.float32) for a in arrays]
     if not tensors:
-        raise ValueError(f"tensor column {name!r}: no rows")
+        raise ValueError(f"{what}: {empty}")
     ndim = tensors[0].ndim
     if any(t.ndim != ndim for t in tensors):
-        raise ValueError(f"tensor column {name!r}: every tensor needs {ndim} dimension(s), got "
+        raise ValueError(f"{what}: every tensor needs {ndim} dimension(s), got "
                          f"{sorted({t.ndim for t in tensors})}")
     data = np.concatenate([t.ravel() for t in tensors]) if len(tensors) > 1 else tensors[0].ravel()
     offsets = np.insert(np.cumsum([t.size for t in tensors], dtype=np.int64), 0, 0)
     values = pa.Array.from_buffers(pa.float32(), len(data), [None, pa.py_buffer(data)])
-    return {name: pa.LargeListArray.from_arrays(pa.array(offsets), values),
-            shape_column(name): pa.array([t.shape for t in tensors], TENSOR_SHAPE_TYPE)}
+    return tensors, pa.LargeListArray.from_arrays(pa.array(offsets), values)
 
 
 def is_v1_tensor(tp: pa.DataType) -> bool:
@@ -305,20 +313,12 @@ def tensor_column_v1(arrays: Sequence[np.ndarray]) -> pa.ExtensionArray:
     """Ragged list of float32 ndarrays -> the v1 tensor column (Ray's variable-shape tensor
     extension, the bytes ``ArrowVariableShapedTensorArray.from_numpy`` builds). Kept to write
     v1 files for the reader's tests; ssip writes :func:`tensor_columns`."""
-    tensors = [np.ascontiguousarray(a, np.float32) for a in arrays]
-    if not tensors:
-        raise ValueError("Creating empty ragged tensor arrays is not supported.")
-    ndim = tensors[0].ndim
-    if any(t.ndim != ndim for t in tensors):
-        raise ValueError(f"tensor_column_v1: every tensor needs {ndim} dimension(s), got "
-                         f"{sorted({t.ndim for t in tensors})}")
-    data = np.concatenate([t.ravel() for t in tensors]) if len(tensors) > 1 else tensors[0].ravel()
-    offsets = np.insert(np.cumsum([t.size for t in tensors], dtype=np.int64), 0, 0)
-    values = pa.Array.from_buffers(pa.float32(), len(data), [None, pa.py_buffer(data)])
+    tensors, flat = _flat_tensors(arrays, "tensor_column_v1",
+                                  "Creating empty ragged tensor arrays is not supported.")
     storage = pa.StructArray.from_arrays(
-        [pa.LargeListArray.from_arrays(pa.array(offsets), values),
-         pa.array([t.shape for t in tensors], pa.list_(pa.int64()))], ["data", "shape"])
-    return pa.ExtensionArray.from_storage(VariableShapedTensorType(pa.float32(), ndim), storage)
+        [flat, pa.array([t.shape for t in tensors], pa.list_(pa.int64()))], ["data", "shape"])
+    return pa.ExtensionArray.from_storage(VariableShapedTensorType(pa.float32(), tensors[0].ndim),
+                                          storage)
 
 
 def _table(columns: dict[str, tuple[object, str]], version: str, rows: list[dict]) -> pa.Table:
