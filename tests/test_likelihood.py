@@ -446,3 +446,74 @@ def test_whitened_noise_model_reads_a_shared_drift_as_noise(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.whitened_residual(mel, neural, mask)[0],
                            model.whitened_residual(mel, neural, mask)[0])
+
+
+def test_fit_likelihood_on_a_local_engine_is_the_hand_written_loop(problem):
+    """The likelihood's one loop (:func:`fit_likelihood`, also run by Ray Train workers) on a
+    LocalEngine equals the plain AdamW loop on the MSE over each batch's loss frames, bit for
+    bit; with validation it keeps the epoch of the best val score and sets sigma from val."""
+    from ssip.models.likelihood import (
+        build_likelihood,
+        mel_normaliser,
+        set_mel_normaliser,
+        window_mse,
+    )
+    from ssip.models.likelihood.train import fit_likelihood
+    from ssip.models.training import LocalEngine
+
+    cfg = LikelihoodConfig(kind="conv", dropout=0.0, lr=3e-3, batch_size=4, head_channels=16,
+                           kernel=9, lookahead=4, seed=2)
+    train = [t for t in problem if t["split"] == "train"]
+    val = [t for t in problem if t["split"] == "val"]
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(6):
+        idx = rng.integers(len(train), size=4)
+        s = rng.integers(0, 240 - 60, size=4)
+        batches.append({
+            "mel": torch.from_numpy(np.stack([train[i]["mel"][:, a:a + 60] for i, a in zip(idx, s)])),
+            "neural": torch.from_numpy(np.stack([train[i]["neural"][a:a + 60] for i, a in zip(idx, s)])),
+            "real": torch.ones(4, 60, dtype=torch.bool),
+            "loss": torch.from_numpy(np.arange(60)[None] >= rng.integers(0, 30, size=(4, 1)))})
+    norm = mel_normaliser([t["mel"] for t in train])
+
+    def model():
+        torch.manual_seed(cfg.seed)
+        m = build_likelihood(cfg, N_EL)
+        set_mel_normaliser(m, *norm)
+        return m
+
+    got = model()
+    opt = torch.optim.AdamW(got.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stats = fit_likelihood(LocalEngine(got, opt), got, iter(batches), cfg, epochs=3,
+                           steps_per_epoch=2, validate=None, subject="S1", progress=False)
+    assert stats["samples_seen"] == 24 and stats["steps"] == 6 and stats["best_epoch"] == 3
+
+    ref = model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref.train()
+    mses = []
+    for b in batches:
+        loss = window_mse(ref(b["mel"], b["real"]), b["neural"], b["loss"])
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        mses.append((float(loss) * float(b["loss"].sum()), float(b["loss"].sum())))
+    for (k, a), b in zip(got.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+    # train_mse of an epoch: the squared error over all its loss frames (frame-weighted).
+    want = [(mses[2 * e][0] + mses[2 * e + 1][0]) / (mses[2 * e][1] + mses[2 * e + 1][1])
+            for e in range(3)]
+    np.testing.assert_allclose([r["train_mse"] for r in stats["history"]], want, rtol=1e-6)
+
+    # With validation: the best epoch by val r, its weights loaded, sigma from val.
+    chosen = model()
+    opt = torch.optim.AdamW(chosen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stats = fit_likelihood(LocalEngine(chosen, opt), chosen, iter(batches),
+                           dataclasses.replace(cfg, select_on="r"), epochs=3,
+                           steps_per_epoch=2, subject="S1", progress=False,
+                           validate=lambda lags: evaluate_likelihood(chosen, val, 4, lags))
+    rs = [r["val_r_mean"] for r in stats["history"]]
+    assert stats["best_epoch"] == 1 + int(np.argmax(rs))
+    assert stats["val_r_mean"] == pytest.approx(rs[stats["best_epoch"] - 1], rel=1e-9)
+    assert len(stats["sigma"]) == N_EL and min(stats["sigma"]) >= cfg.sigma_min

@@ -273,3 +273,51 @@ def test_source_probabilities_closed_form():
     w = random_windows(mels, 16, 4000, np.random.default_rng(0), p=p)
     share = np.bincount(w[:, 0, 8].astype(int), minlength=4) / 4000
     np.testing.assert_allclose(share, p, atol=0.03)
+
+
+def test_train_prior_runs_the_one_loop_as_a_hand_written_adamw_loop():
+    """``train_prior`` is :func:`fit_prior` on a LocalEngine: bit for bit the plain loop
+    (warm-up lr, EDM loss with sigma and noise from the cfg.seed generator, AdamW, global-norm
+    clip, EMA at the batch size) written out here; the same loop runs under DeepSpeed on Ray
+    (tests/test_train_prior_ray.py checks that one against the global-batch step)."""
+    from ssip.models.prior import EMA, edm_loss, ema_beta, learning_rate, sample_sigma
+
+    cfg = PriorConfig(window_frames=16, batch_size=4, lr=2e-3, warmup_samples=8,
+                      total_samples=20, log_every_samples=8, grad_clip=0.5, seed=5)
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((4, 80, 16)).astype(np.float32) for _ in range(5)]
+    mean = (0.1 * rng.standard_normal(80)).astype(np.float32)
+
+    def net() -> EDMPrior:
+        torch.manual_seed(0)
+        return EDMPrior("tiny", sigma_data=0.7, data_mean=mean, channels=8, emb_channels=16)
+
+    model = net()
+    stats = train_prior(model, iter(batches), cfg, progress=False)
+    assert stats["samples_seen"] == 20 and stats["steps"] == 5
+    assert [r["samples"] for r in stats["history"]] == [8, 16, 20]
+
+    ref = net()
+    ema = EMA(ref)
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seen = 0
+    for b in batches:
+        ref.train()
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(seen, cfg)
+        x0 = torch.from_numpy(b)[:, None]
+        sigma = sample_sigma(4, gen, cfg.p_mean, cfg.p_std)
+        loss = edm_loss(ref, x0, gen, sigma=sigma).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+        opt.step()
+        seen += 4
+        ema.update(ref, ema_beta(4, cfg.ema_halflife_samples, seen, cfg.ema_rampup_ratio))
+    for (k, a), b in zip(stats["ema"].model.state_dict().items(), ema.model.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)

@@ -150,9 +150,34 @@ def build_engine(model, optimizer, cfg: RayTrainConfig, *, local_batch: int, gra
     return engine
 
 
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+class DeepSpeedEngine:
+    """A DeepSpeed engine behind ssip's :class:`~ssip.models.training.Engine` interface, for the
+    models' one training loop: forward through DeepSpeed, ``step`` = ``backward`` (gradients
+    averaged over the ranks) + ``step`` (clipped globally), ``all_reduce`` over the workers."""
+
+    def __init__(self, engine, *, rank: int, world_size: int):
+        self.engine = engine
+        self.module = engine.module
+        self.rank = rank
+        self.world_size = world_size
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+        return self
+
+    def step(self, loss) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def all_reduce(self, t, op: str = "sum"):
+        return all_reduce(t, op)
 
 
 def checkpoint_interval(cfg: RayTrainConfig, log_every_samples: int) -> int:

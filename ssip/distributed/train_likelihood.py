@@ -1,8 +1,9 @@
 """Likelihood training on Ray: one subject's trials streamed by Ray Data into Ray Train workers.
 
-The same model, loss, epoch selection and noise model as the single-process
-:func:`ssip.models.likelihood.train_likelihood`; what changes is where the windows come from and
-how many workers step together.
+The likelihood's one training loop, :func:`ssip.models.likelihood.train.fit_likelihood` (the
+single-process :func:`ssip.models.likelihood.train_likelihood` runs it too), on a
+:class:`~ssip.distributed.engine.DeepSpeedEngine`; what this module adds is where the windows
+come from and the TorchTrainer wiring (run checkpoints, reports, metrics).
 
 Data (:func:`trial_window_dataset`)
     ``ray.data.read_parquet`` of the subject's TRAIN shards of an ingest root (local or s3://;
@@ -20,8 +21,8 @@ Training (:func:`likelihood_worker_loop`)
     Every worker builds the same model (seeded; the conv likelihood's mel normaliser is computed
     on the driver from the train mels and passed in), wraps it in a DeepSpeed engine
     (:mod:`ssip.distributed.engine`: ZeRO stage, precision, torch AdamW over the trainable
-    parameters only) and reads its share of the windows (``get_dataset_shard("train")``) in
-    batches of ``batch_size // workers``. Each worker divides its squared error by the GLOBAL
+    parameters only), reads its share of the windows (``get_dataset_shard("train")``) in
+    batches of ``batch_size // workers`` and runs the one loop. Each worker divides its squared error by the GLOBAL
     count of loss frames x electrodes / workers (one scalar all-reduce per step), so the
     averaged gradient is the gradient of the MSE over the global batch: a step equals a
     single-process step on the global batch. An epoch is as many global steps as the
@@ -45,9 +46,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +57,9 @@ from ssip.config import ConfigError, from_dict
 from ssip.data.dataset import MANIFEST, load_trials, trial_files
 from ssip.data.schema import read_table, tensor_rows, tensor_values
 from ssip.distributed.engine import (
+    DeepSpeedEngine,
     RayTrainConfig,
     TrainMetrics,
-    all_reduce,
     build_engine,
     checkpoint_interval,
     endless_batches,
@@ -72,7 +70,6 @@ from ssip.distributed.engine import (
     run_folder,
     run_trainer,
     save_run_checkpoint,
-    set_lr,
     stable_key,
 )
 from ssip.distributed.runtime import init_ray, read_shards
@@ -87,8 +84,9 @@ from ssip.models.likelihood import (
     save_likelihood,
     set_mel_normaliser,
     set_noise_sigma,
-    window_mse,
 )
+from ssip.models.likelihood.train import BestEpoch, epochs_of, fit_likelihood
+from ssip.models.training import TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -243,16 +241,6 @@ def trial_window_dataset(index: SubjectIndex, cfg: LikelihoodConfig, *, windows_
 # Ray Train: the per-worker loop.
 
 
-def epochs_of(n_frames: int, cfg: LikelihoodConfig) -> tuple[int, int]:
-    """(steps per epoch, epochs): the single-process loop's schedule (an epoch covers the train
-    frames once with windows; ``total_samples`` rounds up to whole epochs)."""
-    windows = max(1, math.ceil(n_frames / cfg.window_frames))
-    steps = max(1, math.ceil(windows / cfg.batch_size))
-    epochs = (cfg.epochs if cfg.total_samples == 0
-              else max(1, math.ceil(cfg.total_samples / (steps * cfg.batch_size))))
-    return steps, epochs
-
-
 def likelihood_worker_loop(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``; everything comes from ``config``.
 
@@ -264,6 +252,7 @@ def likelihood_worker_loop(config: dict[str, Any]) -> None:
     """
     import ray.train
     import torch
+    from ray.experimental.tqdm_ray import tqdm
 
     cfg = from_dict(LikelihoodConfig, config["likelihood"])
     ray_cfg = from_dict(RayTrainConfig, config["ray"])
@@ -279,28 +268,23 @@ def likelihood_worker_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(rank_seed(cfg.seed, rank))  # dropout: its own stream on every worker
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine = build_engine(model, optimizer, ray_cfg, local_batch=config["local_batch_size"],
-                          grad_clip=0.0)
-    set_lr(engine, cfg.lr)
+    ds = build_engine(model, optimizer, ray_cfg, local_batch=config["local_batch_size"],
+                      grad_clip=0.0)
+    engine = DeepSpeedEngine(ds, rank=rank, world_size=world_size)
+    engine.set_lr(cfg.lr)
     generator = torch.default_generator
     val = (load_trials(config["ingest"], subject=subject, split="val",
                        columns=["schema_version", "subject", "trial_id", "mel", "neural"])
            if rank == 0 and config.get("ingest") else [])
 
-    history: list[dict[str, Any]] = []
-    epoch = samples_seen = steps = 0
-    best_epoch, best_score, best_state = 0, -math.inf, None
-    wait = seconds_before = 0.0
-    restored = load_run_checkpoint(engine, rank=rank, world_size=world_size,
-                                   generator=generator, tensors=("best",))
+    best = BestEpoch()
+    restored = load_run_checkpoint(ds, rank=rank, world_size=world_size, generator=generator,
+                                   tensors=("best",))
     resume = None
     if restored is not None:
         resume, tensors = restored
-        epoch, samples_seen, steps = (int(resume[k]) for k in ("epoch", "samples_seen", "steps"))
-        history, best_epoch = list(resume["history"]), int(resume["best_epoch"])
-        best_score = float(resume["best_score"])
-        wait, seconds_before = float(resume["data_wait_s"]), float(resume["seconds"])
-        best_state = tensors["best"]
+        best = BestEpoch(int(resume["best_epoch"]), float(resume["best_score"]), tensors["best"])
+    steps = int((resume or {}).get("steps", 0))
     debug = config.get("debug_batches")
     if debug is not None:
         batches: Iterable = [{k: torch.as_tensor(np.asarray(v)) for k, v in b.items()}
@@ -309,129 +293,48 @@ def likelihood_worker_loop(config: dict[str, Any]) -> None:
         batches = endless_batches(ray.train.get_dataset_shard("train"), config["local_batch_size"],
                                   ray_cfg.shuffle_buffer, rank_seed(cfg.seed, rank),
                                   what=f"likelihood training ({subject})")
-    it = iter(batches)
     metrics = TrainMetrics("likelihood", config["run"], run_folder(ray_cfg, config["run"]), rank,
                            subject=subject)
     if resume:
-        metrics.resume_at(samples_seen, wait)
-    after_step = kill_hook(config.get("debug_kill"), rank)
-    ckpt_every = checkpoint_interval(ray_cfg, 0)
-    next_ckpt = (samples_seen // ckpt_every + 1) * ckpt_every if ckpt_every else 0
-    epochs, steps_per_epoch = int(config["epochs"]), int(config["steps_per_epoch"])
-    start, start_samples = time.perf_counter(), samples_seen
-    bar = None
-    if config.get("progress", True) and rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
+        metrics.resume_at(int(resume["samples_seen"]), float(resume["data_wait_s"]))
+    epochs = int(config["epochs"])
 
-        bar = tqdm(total=epochs, desc=f"likelihood {subject} x{world_size}", unit="epoch")
-        bar.update(epoch)
-
-    def validate(noise_lags: int = 0) -> dict[str, Any]:
+    def validate(noise_lags: int) -> dict[str, Any]:
         return evaluate_likelihood(model, val, cfg.batch_size, noise_lags)
 
     def export(folder: str, state: dict[str, Any]) -> None:
         # The best epoch so far as an inference checkpoint, with its noise sigma.
         net = copy.deepcopy(model)
-        net.load_state_dict(best_state, strict=False)
+        net.load_state_dict(best.state, strict=False)
         net.eval()
         numbers = set_noise_sigma(net, evaluate_likelihood(net, val, cfg.batch_size,
                                                            cfg.noise_lags), cfg.sigma_min)
         save_likelihood(folder, net, subject=subject,
-                        stats={**numbers, "best_epoch": best_epoch, "epochs": epochs,
+                        stats={**numbers, "best_epoch": best.epoch, "epochs": epochs,
                                "samples_seen": state["samples_seen"], "data": config["data"]})
 
-    ran_out = False
-    while epoch < epochs and not ran_out:
-        model.train()
-        sums = torch.zeros(2, dtype=torch.float64)  # squared error, loss frames x electrodes
-        for _ in range(steps_per_epoch):
-            t0 = time.perf_counter()
-            b = next(it, None)
-            wait += time.perf_counter() - t0
-            if int(all_reduce(torch.tensor([0 if b is None else 1]), "min")) == 0:
-                ran_out = True
-                break
-            mel, y = b["mel"].to(device).float(), b["neural"].to(device).float()
-            real, lmask = b["real"].to(device).bool(), b["loss"].to(device).bool()
-            count = all_reduce(lmask.sum().double().reshape(1).cpu())  # global loss frames
-            denom = float(count) * n_el / world_size
-            pred = engine(mel, real)
-            loss = window_mse(pred.float(), y, lmask, denominator=denom,
-                              where=f"likelihood on Ray ({subject}), epoch {epoch + 1}",
-                              lr=cfg.lr)
-            engine.backward(loss)
-            engine.step()
-            sums += torch.tensor([loss.item() * denom, float(lmask.sum()) * n_el],
-                                 dtype=torch.float64)
-            samples_seen += mel.shape[0] * world_size
-            steps += 1
-            if after_step is not None:
-                after_step(samples_seen)
-        if ran_out:
-            if rank == 0:
-                log.warning("likelihood %s: a worker ran out of batches in epoch %d", subject,
-                            epoch + 1)
-            break
-        epoch += 1
-        total = all_reduce(sums.clone())
-        row: dict[str, Any] = {"epoch": epoch, "samples": samples_seen, "steps": steps,
-                               "train_mse": float(total[0] / total[1].clamp_min(1)),
-                               "loss": float(total[0] / total[1].clamp_min(1)),
-                               "seconds": seconds_before + time.perf_counter() - start}
-        if rank == 0 and not val:  # debug runs without an ingest root: the last epoch
-            best_epoch, best_state = epoch, copy.deepcopy(model.trained_state())
-        elif rank == 0:
-            model.eval()
-            m = validate()
-            row.update(val_mse=m["mse"], val_r_mean=m["r_mean"])
-            score = -m["mse"] if cfg.select_on == "mse" else m["r_mean"]
-            if score > best_score or best_state is None:
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy(model.trained_state())
-            row["best_epoch"] = best_epoch
-            if bar is not None:
-                bar.update(1)
-            if config.get("progress", True):
-                print(f"[likelihood {subject} x{world_size}] epoch {epoch}/{epochs}  train mse "
-                      f"{row['train_mse']:.4f}  val mse {m['mse']:.4f}  val r {m['r_mean']:.3f}"
-                      f"  data wait {wait:.1f} s", file=sys.stderr, flush=True)
-        row = metrics.log(row, samples_seen=samples_seen, data_wait_s=wait)
-        history.append(row)
-        report = {k: row[k] for k in ("epoch", "samples", "steps", "train_mse")}
-        if epoch == epochs or (ckpt_every and samples_seen >= next_ckpt) or not ckpt_every:
-            state = {"epoch": epoch, "samples_seen": samples_seen, "steps": steps,
-                     "world_size": world_size, "history": history, "best_epoch": best_epoch,
-                     "best_score": best_score, "data_wait_s": wait,
-                     "seconds": seconds_before + time.perf_counter() - start,
-                     "likelihood": dataclasses.asdict(cfg), "ray": dataclasses.asdict(ray_cfg),
-                     "run": config["run"], "subject": subject}
-            save_run_checkpoint(engine, rank=rank, generator=generator, state=state,
-                                metrics=report,
-                                tensors={"best": best_state} if rank == 0 else None,
-                                export=export if rank == 0 and val else None)
-            if ckpt_every:
-                next_ckpt = (samples_seen // ckpt_every + 1) * ckpt_every
-        else:
-            ray.train.report(report)
-    if bar is not None:
-        bar.close()
-    seconds = seconds_before + time.perf_counter() - start
+    def checkpoint(state: dict[str, Any], report: dict[str, Any]) -> None:
+        state = {**state, "ray": dataclasses.asdict(ray_cfg), "run": config["run"]}
+        save_run_checkpoint(ds, rank=rank, generator=generator, state=state, metrics=report,
+                            tensors={"best": best.state} if rank == 0 else None,
+                            export=export if rank == 0 and val else None)
+
+    hooks = TrainHooks(report=ray.train.report, checkpoint=checkpoint, metrics=metrics,
+                       after_step=kill_hook(config.get("debug_kill"), rank),
+                       checkpoint_every=checkpoint_interval(ray_cfg, 0), progress_bar=tqdm)
+    stats = fit_likelihood(engine, model, batches, cfg, epochs=epochs,
+                           steps_per_epoch=int(config["steps_per_epoch"]),
+                           validate=validate if val else None, subject=subject, best=best,
+                           resume=resume, hooks=hooks, progress=config.get("progress", True))
     if rank == 0:
-        model.load_state_dict(best_state, strict=False)
-        model.eval()
-        stats = {"subject": subject, "n_electrodes": n_el,
-                 **(set_noise_sigma(model, validate(cfg.noise_lags), cfg.sigma_min) if val else {}),
-                 "best_epoch": best_epoch, "epochs": epoch, "samples_seen": samples_seen,
-                 "steps": steps, "samples_per_s": (samples_seen - start_samples)
-                 / max(time.perf_counter() - start, 1e-9), "train_s": seconds,
-                 "data_wait_s": wait, "resumed_from": (resume or {}).get("samples_seen"),
-                 "cached_features": False, "history": history,
-                 "data": {**config.get("data", {}), "workers": world_size,
-                          "zero_stage": ray_cfg.zero_stage,
-                          "precision": ray_cfg.resolved_precision(), "run": config["run"]}}
+        stats.update(cached_features=False,
+                     data={**config.get("data", {}), "workers": world_size,
+                           "zero_stage": ray_cfg.zero_stage,
+                           "precision": ray_cfg.resolved_precision(), "run": config["run"]})
         save_likelihood(config["out"], model, subject=subject, stats=stats)
     # Every rank reports once more after the save: the run ends only when the model is written.
-    ray.train.report({"epoch": epoch, "samples": samples_seen, "steps": steps, "saved": True})
+    ray.train.report({"epoch": stats["epochs"], "samples": stats["samples_seen"],
+                      "steps": stats["steps"], "saved": True})
 
 
 def run_likelihood_trainer(loop_config: dict[str, Any], datasets: dict, ray_cfg=None):

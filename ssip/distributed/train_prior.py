@@ -37,13 +37,13 @@ Training (:func:`prior_worker_loop`)
     (:mod:`ssip.distributed.engine`: ZeRO stage and precision from
     :class:`~ssip.distributed.engine.RayTrainConfig`, a torch AdamW, gloo on CPU, NCCL on GPU),
     reads its share of the windows (``get_dataset_shard("train")``: Ray Train splits the stream
-    into equal shares) in batches of ``batch_size // workers``, and steps with
-    :func:`ssip.models.prior.prior_loss` (DeepSpeed averages the gradients and clips their global
-    norm, so a step equals a single-process step on the global batch). Noise and sigma come from
-    a generator seeded by (seed, rank). Samples are counted globally (local batch x workers);
-    learning rate, EMA and the stop at ``total_samples`` use that count, as in
-    :func:`ssip.models.prior.train_prior`. Every ``log_every_samples`` the loss per sigma quartile
-    (all-reduced), samples/s and the time spent waiting on data go to Ray's metrics and the run's
+    into equal shares) in batches of ``batch_size // workers``, and runs the prior's one training
+    loop, :func:`ssip.models.prior.fit_prior`, on a
+    :class:`~ssip.distributed.engine.DeepSpeedEngine` (DeepSpeed averages the gradients and clips
+    their global norm, so a step equals a single-process step on the global batch). Noise and
+    sigma come from a generator seeded by (seed, rank). Samples are counted globally (local batch
+    x workers); learning rate, EMA and the stop at ``total_samples`` use that count. Every
+    ``log_every_samples`` the loss per sigma quartile (all-reduced), samples/s and the time spent waiting on data go to Ray's metrics and the run's
     ``metrics.jsonl``; every ``checkpoint_every_samples`` all ranks save a run checkpoint (DeepSpeed
     state, EMA, RNG, samples seen, configs, inference weights), from which a re-run with the same
     run name, or Ray Train after a worker died, resumes. At the end rank 0 saves the EMA weights
@@ -58,8 +58,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +69,9 @@ from ssip.config import ConfigError, from_dict
 from ssip.data import schema
 from ssip.data.speech_corpus import CARD, read_card
 from ssip.distributed.engine import (
+    DeepSpeedEngine,
     RayTrainConfig,
     TrainMetrics,
-    all_reduce,
     build_engine,
     checkpoint_interval,
     endless_batches,
@@ -84,7 +82,6 @@ from ssip.distributed.engine import (
     run_folder,
     run_trainer,
     save_run_checkpoint,
-    set_lr,
     stable_key,
 )
 from ssip.distributed.runtime import init_ray, read_shards
@@ -92,16 +89,14 @@ from ssip.models.checkpoint import read_manifest
 from ssip.models.prior import (
     EMA,
     PriorConfig,
-    ema_beta,
     estimate_data_stats,
+    fit_prior,
     initial_prior,
-    learning_rate,
-    prior_loss,
     random_windows,
     save_prior,
-    sigma_quartile_edges,
     source_probabilities,
 )
+from ssip.models.training import TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -331,158 +326,6 @@ def window_dataset(roots: str | Sequence[str], cfg: PriorConfig, *, windows_per_
 # Ray Train: the per-worker loop.
 
 
-@dataclass
-class WorkerHooks:
-    """What :func:`run_worker` calls besides training (all optional).
-
-    ``report(metrics)`` every log interval without a checkpoint (collective: every rank calls);
-    ``checkpoint(state, metrics)`` at a checkpoint interval instead of ``report``
-    (collective); ``metrics``: a :class:`~ssip.distributed.engine.TrainMetrics`;
-    ``after_step(samples_seen)``: test hook (e.g. kill this worker).
-    """
-
-    report: Any = None
-    checkpoint: Any = None
-    metrics: Any = None
-    after_step: Any = None
-    checkpoint_every: int = 0
-
-
-def run_worker(engine, net, batches: Iterable, cfg: PriorConfig, *, rank: int, world_size: int,
-               generator, ema: EMA, resume: dict[str, Any] | None = None,
-               hooks: WorkerHooks | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train with a DeepSpeed ``engine`` on local batches until ``cfg.total_samples`` windows
-    have been seen by all workers together.
-
-    Parameters
-    ----------
-    engine : deepspeed.DeepSpeedEngine
-        Wraps ``net`` (forward, backward, step; gradients averaged over ranks, clipped globally).
-    net : EDMPrior
-        The module inside the engine (the EMA follows it).
-    batches : iterable of Tensor (B, 80, T) or (B, 1, 80, T)
-        This worker's batches; every worker must use the same B. The run stops when any worker
-        runs out.
-    cfg : PriorConfig
-    rank, world_size : int
-    generator : torch.Generator
-        This rank's noise/sigma generator (restored on resume).
-    ema : EMA
-    resume : dict, optional
-        State of the checkpoint resumed from (``samples_seen``, ``steps``, ``history``,
-        ``data_wait_s``).
-    hooks : WorkerHooks, optional
-
-    Returns
-    -------
-    dict
-        As :func:`ssip.models.prior.train_prior`: ``samples_seen`` (global), ``steps``,
-        ``seconds``, ``samples_per_s``, ``loss``, ``loss_by_sigma_quartile``,
-        ``sigma_quartile_edges``, ``history``, ``lr``, ``data_wait_s``, ``resumed_from``.
-    """
-    import torch
-
-    hooks = hooks or WorkerHooks()
-    device = next(net.parameters()).device
-    edges = torch.tensor(sigma_quartile_edges(cfg.p_mean, cfg.p_std))
-    buckets = torch.zeros(2, 4, dtype=torch.float64)  # (sum of loss, count) per sigma quartile
-    resume = resume or {}
-    history: list[dict[str, Any]] = list(resume.get("history", []))
-    samples_seen, steps = int(resume.get("samples_seen", 0)), int(resume.get("steps", 0))
-    wait = float(resume.get("data_wait_s", 0.0))  # seconds this rank waited for a batch
-    seconds_before = float(resume.get("seconds", 0.0))
-    every = cfg.log_every_samples
-    next_log = (samples_seen // every + 1) * every
-    ckpt_every = hooks.checkpoint_every or every
-    next_ckpt = (samples_seen // ckpt_every + 1) * ckpt_every
-    lr = learning_rate(samples_seen, cfg)
-    start = time.perf_counter()
-    start_samples = samples_seen
-    it = iter(batches)
-    bar = None
-    if progress and rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=cfg.total_samples, desc=f"prior x{world_size}", unit="windows")
-        bar.update(samples_seen)
-
-    def state() -> dict[str, Any]:
-        return {"samples_seen": samples_seen, "steps": steps, "world_size": world_size,
-                "history": history, "data_wait_s": wait,
-                "seconds": seconds_before + time.perf_counter() - start,
-                "prior": dataclasses.asdict(cfg)}
-
-    def emit(final: bool = False) -> None:
-        nonlocal next_ckpt
-        total = all_reduce(buckets.clone())  # global loss over all workers' samples
-        by_q = (total[0] / total[1].clamp_min(1)).tolist()
-        row = {"samples": samples_seen, "steps": steps,
-               "loss": float(total[0].sum() / total[1].sum().clamp_min(1)),
-               "loss_by_sigma_quartile": by_q, "lr": lr,
-               "seconds": seconds_before + time.perf_counter() - start}
-        if hooks.metrics is not None:
-            row = hooks.metrics.log(row, samples_seen=samples_seen, data_wait_s=wait)
-        history.append(row)
-        if progress and rank == 0:
-            q = " ".join(f"{v:.3f}" for v in by_q)
-            print(f"[prior x{world_size}] {samples_seen:>9d} samples  loss {row['loss']:.4f}  by "
-                  f"sigma quartile [{q}]  lr {lr:.2e}  "
-                  f"{(samples_seen - start_samples) / max(time.perf_counter() - start, 1e-9):.1f} "
-                  f"samples/s  data wait {wait:.1f} s", file=sys.stderr, flush=True)
-        metrics = {k: row[k] for k in ("samples", "steps", "loss", "lr", "seconds")} | {
-            f"loss_q{i + 1}": v for i, v in enumerate(by_q)}
-        if hooks.checkpoint is not None and (final or samples_seen >= next_ckpt):
-            hooks.checkpoint(state(), metrics)
-            next_ckpt = (samples_seen // ckpt_every + 1) * ckpt_every
-        elif hooks.report is not None:
-            hooks.report(metrics)
-        buckets.zero_()
-
-    while samples_seen < cfg.total_samples:
-        t0 = time.perf_counter()
-        x0 = next(it, None)
-        wait += time.perf_counter() - t0
-        # Stop together: a worker without a batch would leave the others waiting in all-reduce.
-        if int(all_reduce(torch.tensor([0 if x0 is None else 1]), "min")) == 0:
-            if rank == 0:
-                log.warning("prior training: a worker ran out of batches at %d of %d samples",
-                            samples_seen, cfg.total_samples)
-            break
-        x0 = torch.as_tensor(x0, dtype=torch.float32)
-        x0 = (x0[:, None] if x0.ndim == 3 else x0).to(device)  # (B, 1, 80, T)
-        lr = learning_rate(samples_seen, cfg)
-        set_lr(engine, lr)
-        loss, per_sample, sigma = prior_loss(engine, x0, generator, cfg, lr=lr)
-        engine.backward(loss)
-        engine.step()
-        global_batch = x0.shape[0] * world_size
-        samples_seen += global_batch
-        steps += 1
-        ema.update(net, ema_beta(global_batch, cfg.ema_halflife_samples, samples_seen,
-                                 cfg.ema_rampup_ratio or None))
-        bucket = torch.bucketize(sigma.cpu(), edges)  # 0..3, low to high sigma
-        buckets[0].index_add_(0, bucket, per_sample.cpu().double())
-        buckets[1].index_add_(0, bucket, torch.ones_like(per_sample.cpu(), dtype=torch.float64))
-        if bar is not None:
-            bar.update(global_batch)
-        if samples_seen >= next_log or samples_seen >= cfg.total_samples:
-            emit(final=samples_seen >= cfg.total_samples)
-            next_log = (samples_seen // every + 1) * every
-        if hooks.after_step is not None:
-            hooks.after_step(samples_seen)
-    if int(all_reduce(buckets[1].sum().reshape(1).clone())) > 0:
-        emit(final=True)
-    if bar is not None:
-        bar.close()
-    seconds = seconds_before + time.perf_counter() - start
-    last = history[-1] if history else {"loss": float("nan"), "loss_by_sigma_quartile": [float("nan")] * 4}
-    return {"samples_seen": samples_seen, "steps": steps, "seconds": seconds,
-            "samples_per_s": (samples_seen - start_samples) / max(time.perf_counter() - start, 1e-9),
-            "loss": last["loss"], "loss_by_sigma_quartile": last["loss_by_sigma_quartile"],
-            "sigma_quartile_edges": edges.tolist(), "history": history, "lr": lr,
-            "data_wait_s": wait, "resumed_from": start_samples or None}
-
-
 def prior_worker_loop(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``: everything it needs comes from ``config``.
 
@@ -507,10 +350,10 @@ def prior_worker_loop(config: dict[str, Any]) -> None:
     ema = EMA(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                   weight_decay=cfg.weight_decay)
-    engine = build_engine(net, optimizer, ray_cfg, local_batch=config["local_batch_size"],
-                          grad_clip=cfg.grad_clip)
+    ds = build_engine(net, optimizer, ray_cfg, local_batch=config["local_batch_size"],
+                      grad_clip=cfg.grad_clip)
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, rank))
-    restored = load_run_checkpoint(engine, rank=rank, world_size=world_size, generator=generator,
+    restored = load_run_checkpoint(ds, rank=rank, world_size=world_size, generator=generator,
                                    tensors=("ema",))
     resume = None
     if restored is not None:
@@ -538,15 +381,18 @@ def prior_worker_loop(config: dict[str, Any]) -> None:
 
     def checkpoint(state: dict[str, Any], row: dict[str, Any]) -> None:
         state = {**state, "ray": dataclasses.asdict(ray_cfg), "run": config["run"]}
-        save_run_checkpoint(engine, rank=rank, generator=generator, state=state, metrics=row,
+        save_run_checkpoint(ds, rank=rank, generator=generator, state=state, metrics=row,
                             tensors={"ema": ema.model.state_dict()}, export=export)
 
-    hooks = WorkerHooks(report=ray.train.report, checkpoint=checkpoint, metrics=metrics,
-                        after_step=kill_hook(config.get("debug_kill"), rank),
-                        checkpoint_every=checkpoint_interval(ray_cfg, cfg.log_every_samples))
-    stats = run_worker(engine, net, batches, cfg, rank=rank, world_size=world_size,
-                       generator=generator, ema=ema, resume=resume, hooks=hooks,
-                       progress=config.get("progress", True))
+    from ray.experimental.tqdm_ray import tqdm
+
+    hooks = TrainHooks(report=ray.train.report, checkpoint=checkpoint, metrics=metrics,
+                       after_step=kill_hook(config.get("debug_kill"), rank),
+                       checkpoint_every=checkpoint_interval(ray_cfg, cfg.log_every_samples),
+                       progress_bar=tqdm)
+    stats = fit_prior(DeepSpeedEngine(ds, rank=rank, world_size=world_size), net, batches, cfg,
+                      generator=generator, ema=ema, resume=resume, hooks=hooks,
+                      progress=config.get("progress", True))
     if rank == 0:
         stats["data"] = {**config.get("data", {}), "workers": world_size,
                          "zero_stage": ray_cfg.zero_stage,

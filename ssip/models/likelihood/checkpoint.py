@@ -17,7 +17,6 @@ from ssip.models.likelihood.model import Likelihood, build_likelihood
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints.

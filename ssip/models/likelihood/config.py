@@ -9,7 +9,6 @@ from ssip.config import ConfigError, check_option, check_range, field
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
 
 KIND = "likelihood"
 #: State-dict prefix of the whitened noise model's buffers (noise_model: whitened).

@@ -19,7 +19,6 @@ from ssip.sampling.whitening import NoiseModel
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Masks.

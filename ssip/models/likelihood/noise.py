@@ -18,7 +18,6 @@ from ssip.sampling.whitening import fit_noise_model
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
 
 def check_trials(trials: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
     """Validate trial dicts; return the electrode count and the (single) subject."""

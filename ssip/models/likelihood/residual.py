@@ -13,7 +13,6 @@ from ssip.models.likelihood.model import Likelihood, frame_lengths
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # DPS.
