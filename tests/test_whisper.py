@@ -25,6 +25,7 @@ import torch
 from ssip.mel import MEL_FLOOR, log_mel, normalize_loudness
 from ssip.models import whisper as W
 from ssip.models.ctranslate2_reader import Ct2FormatError, parse_ct2_model, read_ct2_model
+from ssip.models.whisper import convert as whisper_convert
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 LONG_CLIP = POCKETSPHINX / "librivox" / "sense_and_sensibility_01_austen_64kb-0870.wav"  # 7.1 s
@@ -233,7 +234,8 @@ def test_cache_is_reused(tiny, cache, monkeypatch):
     def fail(*args):
         raise AssertionError("converted again although a valid cache exists")
 
-    monkeypatch.setattr(W, "_convert_to_dir", fail)
+    # _convert_to_dir is defined and called in ssip.models.whisper.convert: patch it there.
+    monkeypatch.setattr(whisper_convert, "_convert_to_dir", fail)
     assert W.convert_whisper("tiny.en", cache_dir=cache) == path
     W.load_whisper("tiny.en", cache_dir=cache)
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
