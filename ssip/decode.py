@@ -30,7 +30,6 @@ Pure library code: no Ray, no file I/O (the commands load checkpoints and write 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -377,29 +376,74 @@ def _likelihood_forward(likelihood: torch.nn.Module, cfg: DecodeConfig):
     return forward
 
 
+class NaiveWhisperView:
+    """A Whisper likelihood seen through the naive-reference switches (benchmark only).
+
+    Calling it is calling the likelihood with the encoder's ``pad_to`` / ``rest_layers``
+    (:meth:`ssip.models.whisper.WhisperEncoderWindow.forward`); every other attribute is the
+    likelihood's own. It holds the switches itself, so the likelihood is never changed.
+
+    Attributes
+    ----------
+    likelihood : WhisperLikelihood
+    pad_to : int or None
+        Frames every window is padded to (3000 for ``whisper_window: 30s``), else None.
+    all_layers : bool
+        Whether the encoder's layers past the tap run too (``whisper_layers: all``).
+    rest_layers : tuple of modules
+        Those layers (the encoder window's ``past_tap``) when ``all_layers``, else empty.
+    """
+
+    def __init__(self, likelihood: torch.nn.Module, pad_to: int | None, all_layers: bool):
+        enc = likelihood.encoder
+        if pad_to is not None and not 1 <= int(pad_to) <= enc.max_frames:
+            raise ValueError(f"pad_to={pad_to}: Whisper takes 1..{enc.max_frames} frames")
+        self.likelihood = likelihood
+        self.pad_to = None if pad_to is None else int(pad_to)
+        self.all_layers = bool(all_layers)
+        self.rest_layers: tuple[torch.nn.Module, ...] = ()
+        if self.all_layers:
+            # The layers past the tap are not registered in the likelihood (its .to() skips
+            # them): bring them where the encoder runs. They are frozen pretrained weights.
+            w = enc.conv1.weight
+            self.rest_layers = tuple(block.to(device=w.device, dtype=w.dtype).requires_grad_(False)
+                                     for block in enc.past_tap)
+
+    def __call__(self, mel: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.likelihood(mel, frame_mask, pad_to=self.pad_to, rest_layers=self.rest_layers)
+
+    def whitened_residual(self, mel, neural, frame_mask=None, forward=None):
+        return self.likelihood.whitened_residual(mel, neural, frame_mask, forward=forward or self)
+
+    def __getattr__(self, name: str):
+        # Only reached for names the view lacks (sigma, n_electrodes, noise, encoder, ...).
+        try:
+            likelihood = self.__dict__["likelihood"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(likelihood, name)
+
+
 @contextlib.contextmanager
 def whisper_switches(likelihood, cfg: DecodeConfig):
     """The likelihood to decode with under ``cfg.whisper_window`` / ``whisper_layers``.
 
-    Yields ``likelihood`` itself on the production path, else a shallow copy carrying the naive
-    switches: it shares the weights, and the shared model is never changed, so threads decoding
-    with one likelihood (Ray Serve's replicas) cannot see each other's switches.
+    Yields ``likelihood`` itself on the production path, else a :class:`NaiveWhisperView`
+    carrying the naive switches: it shares the weights, and the shared model is never changed,
+    so threads decoding with one likelihood (Ray Serve's replicas) cannot see each other's
+    switches.
     """
     naive = cfg.whisper_window != "trial" or cfg.whisper_layers != "tap"
-    if likelihood is None or not hasattr(likelihood, "set_speed"):
-        if naive and likelihood is not None:
-            raise ValueError(f"whisper_window={cfg.whisper_window!r} / whisper_layers="
-                             f"{cfg.whisper_layers!r} need a Whisper likelihood; this one is "
-                             f"{type(likelihood).__name__}")
+    if likelihood is None or not naive:
         yield likelihood
         return
-    if not naive:
-        yield likelihood
-        return
-    view = copy.copy(likelihood)  # own attribute dict, shared modules, parameters and buffers
-    view.set_speed(pad_to=likelihood.encoder.max_frames if cfg.whisper_window == "30s" else None,
-                   all_layers=cfg.whisper_layers == "all")
-    yield view
+    if not hasattr(getattr(likelihood, "encoder", None), "past_tap"):
+        raise ValueError(f"whisper_window={cfg.whisper_window!r} / whisper_layers="
+                         f"{cfg.whisper_layers!r} need a Whisper likelihood; this one is "
+                         f"{type(likelihood).__name__}")
+    yield NaiveWhisperView(
+        likelihood, pad_to=likelihood.encoder.max_frames if cfg.whisper_window == "30s" else None,
+        all_layers=cfg.whisper_layers == "all")
 
 
 def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,

@@ -129,18 +129,21 @@ def test_naive_whisper_input_decodes_like_the_short_window(setup):  # noqa: F811
                             LikelihoodConfig(kind="whisper", layer=2, head_channels=16),
                             whisper=load_whisper("tiny.en")[0])
     kw = dict(methods=["dps"], n_draws=1, num_steps=4, precision="fp32")
+    state = {k: v.clone() for k, v in lik.state_dict().items()}
     fast = _mels(decode_trials(test[:1], prior, lik, DecodeConfig(**kw)))
     naive = _mels(decode_trials(test[:1], prior, lik, DecodeConfig(
         whisper_window="30s", whisper_layers="all", batch_size=1, draws_per_call=1, **kw)))
-    assert (lik.pad_to, lik.all_layers) == (None, False)
+    after = lik.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(v, after[k]) for k, v in state.items())
+    assert not hasattr(lik, "pad_to") and not hasattr(lik, "all_layers")
     assert _max_diff(naive, fast) < 1e-4
-    # The switches live on a shallow copy for the length of a decode: the shared likelihood (one
-    # per Serve replica, used by concurrent requests) never carries them.
+    # The switches live on a view for the length of a decode: the shared likelihood (one per
+    # Serve replica, used by concurrent requests) never carries them.
     from ssip.decode import whisper_switches
 
     with whisper_switches(lik, DecodeConfig(whisper_window="30s", whisper_layers="all", **kw)) as view:
         assert view is not lik and (view.pad_to, view.all_layers) == (3000, True)
-        assert (lik.pad_to, lik.all_layers) == (None, False) and view.encoder is lik.encoder
+        assert not hasattr(lik, "pad_to") and view.encoder is lik.encoder
     with whisper_switches(lik, DecodeConfig(**kw)) as view:
         assert view is lik
     assert np.abs(fast[("rec/0020", "dps", 0)] - decode_trials(

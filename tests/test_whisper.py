@@ -405,6 +405,31 @@ def test_window_layer_tap_and_truncation(tiny):
         tap(torch.zeros(1, 80, 3001))
 
 
+def test_window_lengths_mask_a_padded_batch(tiny):
+    # forward(mel, lengths): each item of a right-padded batch gives what it gives alone (an odd
+    # length alone = padded by one mel-floor frame); lengths None is the unmasked forward, and
+    # full even lengths change nothing. pad_to (the naive benchmark path) pads to 3000 frames
+    # with the padding masked; rest_layers runs the layers past the tap without changing it.
+    encoder = tiny[0].model.encoder
+    tap = W.WhisperEncoderWindow(encoder, layer=2)
+    assert len(tap.past_tap) == 2 and tap.past_tap[0] is encoder.layers[2]
+    long = _mel(LONG_CLIP)
+    mel = torch.stack([long[:, :200], long[:, 100:300]])  # (2, 80, 200)
+    with torch.no_grad():
+        plain = tap(mel)
+        torch.testing.assert_close(tap(mel, torch.tensor([200, 200])), plain, rtol=0, atol=0)
+        batch = tap(mel, torch.tensor([200, 151]))
+        torch.testing.assert_close(batch[0], plain[0], rtol=0, atol=0)
+        alone = tap(torch.cat([mel[1:, :, :151], torch.full((1, 80, 1), MEL_FLOOR)], dim=-1))
+        torch.testing.assert_close(batch[1, :76], alone[0], rtol=1e-5, atol=1e-5)
+        naive = tap(mel, torch.tensor([200, 151]), pad_to=3000, rest_layers=tap.past_tap)
+        assert naive.shape == (2, 1500, 384)
+        torch.testing.assert_close(naive[0, :100], plain[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(naive[1, :76], alone[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pad_to=3001"):
+        tap(mel, pad_to=3001)
+
+
 def test_window_gradient_reaches_the_mel(tiny):
     encoder = tiny[0].model.encoder
     window = W.WhisperEncoderWindow(encoder, layer=4)
