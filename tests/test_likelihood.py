@@ -235,7 +235,7 @@ def test_naive_whisper_switches_equal_the_short_window(whisper_fit, problem):
     # runs all 4 encoder layers: the residual and its gradient equal the production path's
     # (the window's frames, layers up to the tap) to float rounding. The switches are the
     # decoder's (ssip.decode.whisper_switches), passed to the encoder's forward by a view.
-    from ssip.decode import DecodeConfig, NaiveWhisperView, whisper_switches
+    from ssip.decode import DecodeConfig, DecodeSpeed, NaiveWhisperView, whisper_switches
 
     model = whisper_fit[0]
     trials = problem[-2:]
@@ -248,7 +248,7 @@ def test_naive_whisper_switches_equal_the_short_window(whisper_fit, problem):
             return residual_norm_grad(make_residual(lik, neural, mask), x, x)
 
     norm, grad = norm_and_grad(model)
-    naive = DecodeConfig(whisper_window="30s", whisper_layers="all")
+    naive = DecodeConfig(speed=DecodeSpeed(whisper_window="30s", whisper_layers="all"))
     with whisper_switches(model, naive) as view:
         assert (view.pad_to, len(view.rest_layers)) == (3000, 2)
         n30, g30 = norm_and_grad(view)
