@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ssip.cli import main as ssip_main
-    from ssip.decode import DecodeConfig
+    from ssip.decode import DecodeConfig, DecodeSelection, DecodeSpeed
     from ssip.distributed.decode_corpus import BulkDecodeConfig, decode_corpus
     from ssip.storage import read_parquet
 
@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                "likelihood": str(r / "likelihood")}
     else:
         run = synthetic_run(work, args.trials)
-    cfg = DecodeConfig(methods=["dps"], n_draws=args.draws, num_steps=args.steps, batch_size=4)
+    cfg = DecodeConfig(methods=["dps"], n_draws=args.draws, num_steps=args.steps,
+                       speed=DecodeSpeed(batch_size=4),
+                       selection=DecodeSelection(max_trials=args.trials))
     sets = ["--set=methods=[dps]", f"--set=n_draws={args.draws}", f"--set=num_steps={args.steps}",
-            "--set=batch_size=4", f"--max-trials={args.trials}"]
+            "--set=speed.batch_size=4", f"--max-trials={args.trials}"]
 
     t0 = time.perf_counter()
     ref = str(work / "inprocess.parquet")

@@ -57,8 +57,25 @@ NAIVE = dict(sampler="ancestral", num_steps=1000, batch_size=1, draws_per_call=1
              whisper_window="30s", whisper_layers="all", precision="fp32", compile=False)
 
 
+def with_flat(cfg, over: dict):
+    """``cfg`` with flat overrides: the speed switches (``batch_size``, ``precision``, ...) go to
+    its ``speed`` section, the rest replace top-level fields."""
+    from ssip.decode import MOVED_TO_SPEED, with_overrides
+
+    return with_overrides(cfg, {k: v for k, v in over.items() if k not in MOVED_TO_SPEED},
+                          **{k: v for k, v in over.items() if k in MOVED_TO_SPEED})
+
+
+def flat_fields(cfg) -> dict:
+    """The config's fields with the speed section's at the top level (the cache keys' and the
+    memory probe's form, as before the speed section existed)."""
+    d = dataclasses.asdict(cfg)
+    return {**{k: v for k, v in d.items() if k != "speed"}, **d["speed"]}
+
+
 def rows_to_run(args) -> list[tuple[str, dict]]:
-    """(label, DecodeConfig overrides of production) per row; the naive row is handled apart."""
+    """(label, flat DecodeConfig overrides of production) per row (see :func:`with_flat`); the
+    naive row is handled apart."""
     rows = [
         ("(b) production", {}),
         ("(b) but Whisper padded to 30 s", {"whisper_window": "30s"}),
@@ -193,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
              "subject": args.subject, "trials": [t["trial_id"] for t in trials],
              "device": args.device, "machine": machine}
 
-    defaults = dataclasses.asdict(DecodeConfig())
+    defaults = flat_fields(DecodeConfig())
 
     def key(cfg: DecodeConfig, what: str) -> str:
         # Only the fields off their defaults: a new DecodeConfig field keeps old results valid.
-        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults.get(k)}
+        changed = {k: v for k, v in flat_fields(cfg).items() if v != defaults.get(k)}
         blob = json.dumps({**ident, "cfg": changed, "what": what}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = []
         for s in (2, 3):
             with FlopCounterMode(display=False) as fc:
-                decode(dataclasses.replace(cfg, num_steps=s, compile=False))
+                decode(with_flat(cfg, {"num_steps": s, "compile": False}))
             counts.append(float(fc.get_total_flops()))
         return counts[0], counts[1] - counts[0]
 
@@ -232,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return total, total / (cfg.num_steps * len(trials) * cfg.n_draws)
 
     if probe:  # a child process measuring one row's peak memory (see memory_peak)
-        cfg = DecodeConfig(**json.loads(probe))
+        cfg = with_flat(DecodeConfig(), json.loads(probe))
         with PeakMemory(args.cuda) as mem:
             decode(cfg)
         print(f"PEAK {mem.peak}")
@@ -247,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             with PeakMemory(True) as mem:
                 decode(dataclasses.replace(cfg, num_steps=2))
             return mem.peak
-        over = {k: v for k, v in dataclasses.asdict(dataclasses.replace(cfg, num_steps=2)).items()
+        over = {k: v for k, v in flat_fields(dataclasses.replace(cfg, num_steps=2)).items()
                 if v != defaults.get(k)}
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
                "SSIP_BENCH_MEMORY_PROBE": json.dumps(over)}
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return float(next(x for x in out.splitlines() if x.startswith("PEAK ")).split()[1])
 
     def timed(cfg: DecodeConfig):
-        if cfg.compile:  # compile outside the timed run: one warm-up decode
+        if cfg.speed.compile:  # compile outside the timed run: one warm-up decode
             decode(cfg)
         t0 = time.perf_counter()
         rows = decode(cfg)
@@ -290,22 +307,22 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     prod = DecodeConfig(**base)
     for label, over in rows_to_run(args):
-        cfg_row = dataclasses.replace(prod, **over)
+        cfg_row = with_flat(prod, over)
         keep = args.retime
         if cfg_row.num_steps == 1000 and not args.retime_ancestral:
             args.retime = False  # an hour on 2 cores: re-timed only when asked
         results[label] = run_row(label, cfg_row)
         args.retime = keep
     exact_a = results["(b) but 1000-step ancestral"]
-    naive_cfg = DecodeConfig(**{**base, **NAIVE, "num_steps": args.naive_steps})
+    naive_cfg = with_flat(DecodeConfig(), {**base, **NAIVE, "num_steps": args.naive_steps})
     naive = run_row(f"(a) naive ({args.naive_steps} of 1000 steps timed, x{1000 // args.naive_steps})",
                     naive_cfg, scale=1000 / args.naive_steps, quality_from=exact_a)
     # The naive path and its exact equivalent agree on the timed steps.
     eq_key = key(naive_cfg, "equal")
     if eq_key not in cache:
         a_rows = decode(naive_cfg)
-        b_rows = decode(dataclasses.replace(naive_cfg, batch_size=8, draws_per_call=None,
-                                            whisper_window="trial", whisper_layers="tap"))
+        b_rows = decode(with_flat(naive_cfg, dict(batch_size=8, draws_per_call=None,
+                                                  whisper_window="trial", whisper_layers="tap")))
         cache[eq_key] = max(float(np.abs(x["mel"] - y["mel"]).max())
                             for x, y in zip(a_rows, b_rows, strict=True))
         cache_path.write_text(json.dumps(cache, indent=1))

@@ -139,6 +139,16 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    # A class may list keys that moved into a section (MOVED_KEYS: old -> new dotted key).
+    moved = getattr(cls, "MOVED_KEYS", {})
+    for key in unknown:
+        if key in moved:
+            loc = f"{where}." if where else ""
+            section, _, leaf = moved[key].rpartition(".")
+            raise ConfigError(
+                f"{loc}{key} moved to {loc}{moved[key]}: write it in the {section!r} section "
+                f"(YAML `{section}: {{{leaf}: ...}}`, or --set {loc}{moved[key]}=...)"
+            )
     if unknown:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(names)}"

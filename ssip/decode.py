@@ -21,7 +21,7 @@ method draws it the same way, so a trial's rows never depend on its batch-mates,
 or the worker that ran it. The EDM UNet mixes frames (convolutions, attention), so a batch is
 only exact when all its trials are padded to the same length: trials are grouped by their padded
 length (T rounded up to the UNet's downsampling factor, 8 for the presets, or to
-``pad_multiple``) and each group is split into batches of ``batch_size``. Padded frames carry a frame mask (unguided, MEL_FLOOR in
+``pad_multiple``) and each group is split into batches of ``speed.batch_size``. Padded frames carry a frame mask (unguided, MEL_FLOOR in
 the output) and are cropped off.
 
 Pure library code: no Ray, no file I/O (the commands load checkpoints and write the table).
@@ -30,12 +30,12 @@ Pure library code: no Ray, no file I/O (the commands load checkpoints and write 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,8 +71,86 @@ EVIDENCE = ("encoding", "nn")
 
 
 @dataclass
+class DecodeSpeed:
+    """Speed switches of a decode: each changes how fast, never what (to float rounding).
+
+    bench/dps_speed.py prints each one's effect on speed and quality. The defaults are the
+    production path; the naive reference (the published recipe, with ``sampler: ancestral``
+    and ``num_steps: 1000`` in the science) is batch_size=1, draws_per_call=1,
+    whisper_window=30s, whisper_layers=all, precision=fp32.
+    """
+
+    batch_size: int = field(8, help="trials per sampler call, each with all its n_draws draws "
+                                    "(an optimisation only: results do not depend on it)")
+    draws_per_call: int | None = field(None, help="posterior draws per sampler call (null = "
+                                                  "all n_draws of a batch's trials in one "
+                                                  "call; 1 = one draw at a time); results do "
+                                                  "not depend on it")
+    whisper_window: str = field("trial", help="Whisper likelihood input: 'trial' (the trial's "
+                                              "frames only) or '30s' (padded to Whisper's "
+                                              "3000 frames with the padding masked: the same "
+                                              "result at 3000/T times the cost)")
+    whisper_layers: str = field("tap", help="'tap': run the Whisper encoder up to the tapped "
+                                            "layer; 'all': through all its layers (the same "
+                                            "result, more compute)")
+    grad_checkpoint: bool = field(False, help="recompute the denoiser's and likelihood's "
+                                              "activations in the backward pass: less memory "
+                                              "for larger batches, about 1.3x the compute")
+    precision: str = field("auto", help="'fp32'; 'bf16': autocast of the denoiser and "
+                                        "likelihood (the sampler's update stays float64); "
+                                        "'auto': bf16 on CUDA, fp32 on CPU")
+    compile: bool = field(False, help="torch.compile the denoiser and the likelihood (a "
+                                      "one-off compile per batch shape; for GPUs)")
+    compile_mode: str = field("default", help="torch.compile mode: 'default', "
+                                              "'reduce-overhead' (CUDA graphs on a GPU), "
+                                              "'max-autotune'")
+
+    def __post_init__(self) -> None:
+        check_range("speed.batch_size", self.batch_size, 1, None)
+        if self.draws_per_call is not None:
+            check_range("speed.draws_per_call", self.draws_per_call, 1, None)
+        check_option("speed.whisper_window", self.whisper_window, ("trial", "30s"))
+        check_option("speed.whisper_layers", self.whisper_layers, ("tap", "all"))
+        check_option("speed.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_option("speed.compile_mode", self.compile_mode,
+                     ("default", "reduce-overhead", "max-autotune"))
+
+    def resolved_precision(self, device: torch.device | str) -> str:
+        """'fp32' or 'bf16' on ``device`` ('auto': bf16 on CUDA only)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+@dataclass
+class DecodeSelection:
+    """Which trials ``ssip decode`` decodes (its --split / --subject / --max-trials set these)."""
+
+    split: str = field("test", help="split to decode: train | val | test")
+    subjects: list[str] = field(default_factory=list, help="subjects to decode (empty = every "
+                                                           "subject of the ingest)")
+    max_trials: int = field(0, help="decode at most this many trials per subject, in trial "
+                                    "order (0 = all)")
+
+    def __post_init__(self) -> None:
+        check_option("selection.split", self.split, ("train", "val", "test"))
+        self.subjects = [str(s) for s in self.subjects]
+        check_range("selection.max_trials", self.max_trials, 0, None)
+
+
+#: Speed switches that moved from the top level of DecodeConfig into its ``speed`` section: a
+#: config or override that still gives one at the top level is a ConfigError naming the new key.
+MOVED_TO_SPEED = ("batch_size", "draws_per_call", "whisper_window", "whisper_layers",
+                  "grad_checkpoint", "precision", "compile", "compile_mode")
+
+
+@dataclass
 class DecodeConfig:
-    """How trials are decoded (sampler, guidance step, draws, seeds, methods)."""
+    """How trials are decoded (sampler, guidance step, draws, seeds, methods); the switches that
+    only change the speed are the ``speed`` section, the trials ``ssip decode`` decodes the
+    ``selection``."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {k: f"speed.{k}" for k in MOVED_TO_SPEED}
 
     methods: list[str] = field(default_factory=lambda: list(METHODS),
                                help=f"methods to decode, any of {list(METHODS)}; 'linear'/'nn' "
@@ -104,12 +182,6 @@ class DecodeConfig:
     s_max: float = field(float("inf"), help="churn only at sigma <= s_max")
     s_noise: float = field(1.0, help="scale of the churn noise (EDM: 1.003-1.007)")
     seed: int = field(0, help="run seed: draw k of trial t is seeded by (seed, subject/trial, k)")
-    batch_size: int = field(8, help="trials per sampler call, each with all its n_draws draws "
-                                    "(an optimisation only: results do not depend on it)")
-    # Speed switches (bench/dps_speed.py prints each one's effect on speed and quality). The
-    # defaults are the production path; the naive reference (the published recipe) is
-    # sampler=ancestral, num_steps=1000, batch_size=1, draws_per_call=1, whisper_window=30s,
-    # whisper_layers=all, precision=fp32.
     sampler: str = field("edm", help="'edm': the few-step EDM Euler/Heun sampler with DPS "
                                      "guidance (production); 'ancestral': the paper's DDPM "
                                      "ancestral sampler over num_steps of its 1000 training steps "
@@ -143,28 +215,13 @@ class DecodeConfig:
                                                 "similar length in one batch; a trial's padding "
                                                 "depends on its own length only, so batching "
                                                 "still equals decoding it alone")
-    draws_per_call: int | None = field(None, help="posterior draws per sampler call (null = "
-                                                  "all n_draws of a batch's trials in one "
-                                                  "call; 1 = one draw at a time); results do "
-                                                  "not depend on it")
-    whisper_window: str = field("trial", help="Whisper likelihood input: 'trial' (the trial's "
-                                              "frames only) or '30s' (padded to Whisper's "
-                                              "3000 frames with the padding masked: the same "
-                                              "result at 3000/T times the cost)")
-    whisper_layers: str = field("tap", help="'tap': run the Whisper encoder up to the tapped "
-                                            "layer; 'all': through all its layers (the same "
-                                            "result, more compute)")
-    grad_checkpoint: bool = field(False, help="recompute the denoiser's and likelihood's "
-                                              "activations in the backward pass: less memory "
-                                              "for larger batches, about 1.3x the compute")
-    precision: str = field("auto", help="'fp32'; 'bf16': autocast of the denoiser and "
-                                        "likelihood (the sampler's update stays float64); "
-                                        "'auto': bf16 on CUDA, fp32 on CPU")
-    compile: bool = field(False, help="torch.compile the denoiser and the likelihood (a "
-                                      "one-off compile per batch shape; for GPUs)")
-    compile_mode: str = field("default", help="torch.compile mode: 'default', "
-                                              "'reduce-overhead' (CUDA graphs on a GPU), "
-                                              "'max-autotune'")
+    speed: DecodeSpeed = field(default_factory=DecodeSpeed,
+                               help="speed switches (batch size, precision, compile, ...): "
+                                    "results do not depend on them beyond float rounding")
+    selection: DecodeSelection = field(default_factory=DecodeSelection,
+                                       help="which trials `ssip decode` decodes (split, "
+                                            "subjects, max_trials; its --split / --subject / "
+                                            "--max-trials flags set them)")
 
     def __post_init__(self) -> None:
         self.methods = list(self.methods)
@@ -184,7 +241,6 @@ class DecodeConfig:
         check_range("s_noise", self.s_noise, 0.0, None)
         if self.s_min > self.s_max:
             raise ConfigError(f"s_min={self.s_min} exceeds s_max={self.s_max}")
-        check_range("batch_size", self.batch_size, 1, None)
         check_option("sampler", self.sampler, SAMPLERS)
         self.evidence = list(self.evidence)
         if not self.evidence or len(set(self.evidence)) != len(self.evidence):
@@ -222,25 +278,16 @@ class DecodeConfig:
                                   f"its 1000 training steps; choose 1..1000")
         if self.guide_sigma_max is not None:
             check_range("guide_sigma_max", self.guide_sigma_max, 0.0, None)
-        if self.draws_per_call is not None:
-            check_range("draws_per_call", self.draws_per_call, 1, None)
         if self.pad_multiple is not None:
             check_range("pad_multiple", self.pad_multiple, 1, None)
-        check_option("whisper_window", self.whisper_window, ("trial", "30s"))
-        check_option("whisper_layers", self.whisper_layers, ("tap", "all"))
-        check_option("precision", self.precision, ("auto", "fp32", "bf16"))
-        check_option("compile_mode", self.compile_mode,
-                     ("default", "reduce-overhead", "max-autotune"))
+        if not isinstance(self.speed, DecodeSpeed):
+            raise ConfigError(f"speed={self.speed!r} must be a DecodeSpeed section")
+        if not isinstance(self.selection, DecodeSelection):
+            raise ConfigError(f"selection={self.selection!r} must be a DecodeSelection section")
 
     def pad_factor(self, unet_factor: int) -> int:
         """The padding multiple of a trial: lcm of the UNet's factor and ``pad_multiple``."""
         return math.lcm(int(unet_factor), int(self.pad_multiple or 1))
-
-    def resolved_precision(self, device: torch.device | str) -> str:
-        """'fp32' or 'bf16' on ``device`` ('auto': bf16 on CUDA only)."""
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
     def needs_likelihood(self) -> bool:
         """Whether decoding needs the subject's likelihood (a guided method with 'encoding')."""
@@ -271,6 +318,24 @@ class DecodeConfig:
             t_hat = t * (1 + churn_gamma(t, self.num_steps, self.s_churn, self.s_min, self.s_max))
             out.append(t_hat <= self.guide_sigma_max)
         return out
+
+
+def with_overrides(cfg: DecodeConfig, overrides: Mapping[str, Any] | None = None,
+                   **speed: Any) -> DecodeConfig:
+    """``cfg`` with top-level ``overrides`` (a preset's, e.g. ``{"weight": 2.0}``) and
+    ``speed`` switches replaced; validated. A key that moved into a section (``batch_size``:
+    ``speed.batch_size``) or an unknown key is a ConfigError naming it."""
+    overrides = dict(overrides or {})
+    names = {f.name for f in dataclasses.fields(DecodeConfig)}
+    for key in overrides:
+        if key in DecodeConfig.MOVED_KEYS:
+            raise ConfigError(f"decode.{key} moved to decode.{DecodeConfig.MOVED_KEYS[key]}")
+        if key not in names:
+            raise ConfigError(f"decode override {key!r} is not a DecodeConfig field; known: "
+                              f"{sorted(names)}")
+    if speed:
+        overrides["speed"] = dataclasses.replace(overrides.get("speed", cfg.speed), **speed)
+    return dataclasses.replace(cfg, **overrides)
 
 
 def trial_key(trial: Mapping[str, Any]) -> str:
@@ -344,19 +409,19 @@ def _run(fn, grad_checkpoint: bool, *args):
 def prior_denoiser(prior: torch.nn.Module, cfg: DecodeConfig | None = None):
     """The sampler's ``denoiser(x float64, sigma float64)`` over a frozen EDMPrior (float32).
 
-    ``cfg``'s speed switches apply: ``precision`` (bf16 autocast), ``grad_checkpoint`` and
+    ``cfg.speed``'s switches apply: ``precision`` (bf16 autocast), ``grad_checkpoint`` and
     ``compile``; the output is float32 whatever the precision inside.
     """
     cfg = cfg or DecodeConfig()
     prior.eval()
     prior.requires_grad_(False)
     device_type = next(prior.parameters()).device.type
-    precision = cfg.resolved_precision(device_type)
-    net = torch.compile(prior, mode=cfg.compile_mode) if cfg.compile else prior
+    precision = cfg.speed.resolved_precision(device_type)
+    net = torch.compile(prior, mode=cfg.speed.compile_mode) if cfg.speed.compile else prior
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         with _autocast(device_type, precision):
-            out = _run(net, cfg.grad_checkpoint, x.float(), sigma.float())
+            out = _run(net, cfg.speed.grad_checkpoint, x.float(), sigma.float())
         return out.float()
 
     denoiser.sigma_data = float(prior.sigma_data)  # for the PiGDM-style guidance weight
@@ -366,40 +431,87 @@ def prior_denoiser(prior: torch.nn.Module, cfg: DecodeConfig | None = None):
 def _likelihood_forward(likelihood: torch.nn.Module, cfg: DecodeConfig):
     """The likelihood's A(mel, mask) under ``cfg``'s precision / checkpoint / compile switches."""
     device_type = likelihood.sigma.device.type
-    precision = cfg.resolved_precision(device_type)
-    net = torch.compile(likelihood, mode=cfg.compile_mode) if cfg.compile else likelihood
+    precision = cfg.speed.resolved_precision(device_type)
+    net = (torch.compile(likelihood, mode=cfg.speed.compile_mode) if cfg.speed.compile
+           else likelihood)
 
     def forward(mel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with _autocast(device_type, precision):
-            out = _run(net, cfg.grad_checkpoint, mel, mask)
+            out = _run(net, cfg.speed.grad_checkpoint, mel, mask)
         return out.float()
 
     return forward
 
 
+class NaiveWhisperView:
+    """A Whisper likelihood seen through the naive-reference switches (benchmark only).
+
+    Calling it is calling the likelihood with the encoder's ``pad_to`` / ``rest_layers``
+    (:meth:`ssip.models.whisper.WhisperEncoderWindow.forward`); every other attribute is the
+    likelihood's own. It holds the switches itself, so the likelihood is never changed.
+
+    Attributes
+    ----------
+    likelihood : WhisperLikelihood
+    pad_to : int or None
+        Frames every window is padded to (3000 for ``whisper_window: 30s``), else None.
+    all_layers : bool
+        Whether the encoder's layers past the tap run too (``whisper_layers: all``).
+    rest_layers : tuple of modules
+        Those layers (the encoder window's ``past_tap``) when ``all_layers``, else empty.
+    """
+
+    def __init__(self, likelihood: torch.nn.Module, pad_to: int | None, all_layers: bool):
+        enc = likelihood.encoder
+        if pad_to is not None and not 1 <= int(pad_to) <= enc.max_frames:
+            raise ValueError(f"pad_to={pad_to}: Whisper takes 1..{enc.max_frames} frames")
+        self.likelihood = likelihood
+        self.pad_to = None if pad_to is None else int(pad_to)
+        self.all_layers = bool(all_layers)
+        self.rest_layers: tuple[torch.nn.Module, ...] = ()
+        if self.all_layers:
+            # The layers past the tap are not registered in the likelihood (its .to() skips
+            # them): bring them where the encoder runs. They are frozen pretrained weights.
+            w = enc.conv1.weight
+            self.rest_layers = tuple(block.to(device=w.device, dtype=w.dtype).requires_grad_(False)
+                                     for block in enc.past_tap)
+
+    def __call__(self, mel: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.likelihood(mel, frame_mask, pad_to=self.pad_to, rest_layers=self.rest_layers)
+
+    def whitened_residual(self, mel, neural, frame_mask=None, forward=None):
+        return self.likelihood.whitened_residual(mel, neural, frame_mask, forward=forward or self)
+
+    def __getattr__(self, name: str):
+        # Only reached for names the view lacks (sigma, n_electrodes, noise, encoder, ...).
+        try:
+            likelihood = self.__dict__["likelihood"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(likelihood, name)
+
+
 @contextlib.contextmanager
 def whisper_switches(likelihood, cfg: DecodeConfig):
-    """The likelihood to decode with under ``cfg.whisper_window`` / ``whisper_layers``.
+    """The likelihood to decode with under ``cfg.speed.whisper_window`` / ``whisper_layers``.
 
-    Yields ``likelihood`` itself on the production path, else a shallow copy carrying the naive
-    switches: it shares the weights, and the shared model is never changed, so threads decoding
-    with one likelihood (Ray Serve's replicas) cannot see each other's switches.
+    Yields ``likelihood`` itself on the production path, else a :class:`NaiveWhisperView`
+    carrying the naive switches: it shares the weights, and the shared model is never changed,
+    so threads decoding with one likelihood (Ray Serve's replicas) cannot see each other's
+    switches.
     """
-    naive = cfg.whisper_window != "trial" or cfg.whisper_layers != "tap"
-    if likelihood is None or not hasattr(likelihood, "set_speed"):
-        if naive and likelihood is not None:
-            raise ValueError(f"whisper_window={cfg.whisper_window!r} / whisper_layers="
-                             f"{cfg.whisper_layers!r} need a Whisper likelihood; this one is "
-                             f"{type(likelihood).__name__}")
+    naive = cfg.speed.whisper_window != "trial" or cfg.speed.whisper_layers != "tap"
+    if likelihood is None or not naive:
         yield likelihood
         return
-    if not naive:
-        yield likelihood
-        return
-    view = copy.copy(likelihood)  # own attribute dict, shared modules, parameters and buffers
-    view.set_speed(pad_to=likelihood.encoder.max_frames if cfg.whisper_window == "30s" else None,
-                   all_layers=cfg.whisper_layers == "all")
-    yield view
+    if not hasattr(getattr(likelihood, "encoder", None), "past_tap"):
+        raise ValueError(f"whisper_window={cfg.speed.whisper_window!r} / whisper_layers="
+                         f"{cfg.speed.whisper_layers!r} need a Whisper likelihood; this one is "
+                         f"{type(likelihood).__name__}")
+    yield NaiveWhisperView(
+        likelihood,
+        pad_to=likelihood.encoder.max_frames if cfg.speed.whisper_window == "30s" else None,
+        all_layers=cfg.speed.whisper_layers == "all")
 
 
 def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
@@ -508,7 +620,7 @@ def decode_trials(trials: Sequence[Mapping[str, Any]], prior: torch.nn.Module,
         else:
             schedule = {"num_steps": cfg.num_steps, "pad_value": MEL_FLOOR}
         device = next(prior.parameters()).device
-        batches = _batches(lengths, factor, cfg.batch_size)
+        batches = _batches(lengths, factor, cfg.speed.batch_size)
         bar = tqdm(total=n, desc=f"decode {subject}", unit="trial", disable=not progress)
         with whisper_switches(likelihood if encoding else None, cfg) as lik:
             forward = _likelihood_forward(lik, cfg) if encoding else None
@@ -561,7 +673,7 @@ def _sample_batch(method: str, denoiser, likelihood, forward, ys: np.ndarray | N
     """K draws of one padded batch (B trials of T_pad frames) for one sampled method.
 
     All B * K draws go through the sampler in ONE call (item b * K + k is draw k of trial b,
-    seeded by its own generator), or ``cfg.draws_per_call`` draws of every trial per call
+    seeded by its own generator), or ``cfg.speed.draws_per_call`` draws of every trial per call
     (:func:`~ssip.sampling.posterior_draws`): the samplers treat items independently, so this
     equals K calls of B items up to float rounding, and a larger batch keeps the CPU's matrix
     kernels busier (about 1.5x faster per draw at 16).
@@ -622,7 +734,7 @@ def _sample_batch(method: str, denoiser, likelihood, forward, ys: np.ndarray | N
 
     generators = [[trial_generator(cfg.seed, key, d, device=device) for d in range(n_draws)]
                   for key in keys]
-    return posterior_draws(sampler, generators, draws_per_call=cfg.draws_per_call,
+    return posterior_draws(sampler, generators, draws_per_call=cfg.speed.draws_per_call,
                            shape_or_latents=(B, 1, N_MELS, t_pad))
 
 

@@ -39,7 +39,7 @@ from ssip.config import ConfigError, check_option, check_range, config_hash, fie
 from ssip.data.default_speech import DEFAULT_WEIGHTS, DefaultSpeechConfig
 from ssip.data.ingest import EXIT_NOTHING_LANDED, EXIT_SOME_FAILED, IngestConfig
 from ssip.data.simulate import CorpusConfig
-from ssip.decode import DecodeConfig
+from ssip.decode import DecodeConfig, DecodeSelection
 from ssip.evaluate.report import EvaluateConfig
 from ssip.models.baselines import LinearDecoderConfig, NNDecoderConfig
 from ssip.models.likelihood import LikelihoodConfig
@@ -110,6 +110,10 @@ class PipelineConfig:
                               f"only then); got prior_data={self.prior_data!r}, "
                               f"prior_corpora={self.prior_corpora!r}")
         check_range("max_decode_trials", self.max_decode_trials, 0, None)
+        if self.decode.selection != DecodeSelection():
+            raise ConfigError(f"decode.selection={self.decode.selection}: the pipeline picks the "
+                              "trials it decodes with decode_split, max_decode_trials and "
+                              "subjects; set those instead")
 
 
 @dataclass
@@ -259,7 +263,7 @@ def _subject_steps(cfg: PipelineConfig, root: str, subjects: Sequence[str] | Non
                              # what the sweep replaces or does not use leaves it unchanged
                              "decode": h({k: v for k, v in dataclasses.asdict(cfg.decode).items()
                                           if k not in ("methods", "n_draws", "control_draws",
-                                                       "seed")})}),
+                                                       "seed", "selection")})}),
                           tuple(fitted_names)))
         fitted, fitted_names = [*fitted, steps[-1].key], [*fitted_names, "calibrate"]
         preset = ["--preset", CALIBRATION_PRESET, "--presets", j("presets")]

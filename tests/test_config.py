@@ -88,3 +88,34 @@ def test_yaml_dict_field_replaces_its_default(tmp_path):
     g = tmp_path / "s.yaml"
     g.write_text("espeak_voices: {it+m2: asterisk-it}\n")
     assert resolve(DefaultSpeechConfig, g).espeak_voices == {"it+m2": "asterisk-it"}
+
+
+def test_decode_speed_section_and_moved_keys(tmp_path):
+    # The speed switches live in DecodeConfig.speed (YAML section or dotted override); a config,
+    # override or preset that still gives one at the top level is an error naming its new key.
+    from ssip.decode import DecodeConfig, DecodeSpeed, with_overrides
+    from ssip.pipeline import PipelineConfig
+
+    path = tmp_path / "d.yaml"
+    path.write_text("num_steps: 7\nspeed: {batch_size: 4}\n")
+    cfg = resolve(DecodeConfig, path, ["speed.precision=fp32"])
+    assert (cfg.num_steps, cfg.speed.batch_size, cfg.speed.precision) == (7, 4, "fp32")
+    assert cfg.speed.compile is False  # the section merges key by key
+    path.write_text("batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"batch_size moved to speed\.batch_size"):
+        resolve(DecodeConfig, path)
+    with pytest.raises(ConfigError, match=r"^precision moved to speed\.precision"):
+        resolve(DecodeConfig, None, ["precision=bf16"])
+    with pytest.raises(ConfigError, match=r"decode\.compile moved to decode\.speed\.compile"):
+        resolve(PipelineConfig, None, ["decode.compile=true"])
+    with pytest.raises(ConfigError, match=r"decode\.batch_size moved to decode\.speed\.batch_size"):
+        with_overrides(DecodeConfig(), {"batch_size": 2})  # a preset's overrides
+    assert with_overrides(DecodeConfig(), {"weight": 2.0}, batch_size=3).speed == DecodeSpeed(
+        batch_size=3)
+    with pytest.raises(ConfigError, match=r"speed\.batch_size=0"):
+        DecodeSpeed(batch_size=0)
+    with pytest.raises(ConfigError, match=r"selection\.max_trials=-1"):
+        resolve(DecodeConfig, None, ["selection.max_trials=-1"])
+    # The pipeline picks the decoded trials with its own fields.
+    with pytest.raises(ConfigError, match="decode_split"):
+        resolve(PipelineConfig, None, ["decode.selection.split=val"])

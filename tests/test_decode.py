@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ssip.config import ConfigError
 from ssip.decode import (
     MEAN_DRAW,
     DecodeConfig,
+    DecodeSpeed,
     baseline_rows,
     decode_trials,
     padded_length,
@@ -51,7 +56,7 @@ def setup():
     return prior, likelihood, train, test
 
 
-FAST = dict(n_draws=2, num_steps=10, batch_size=8)
+FAST = dict(n_draws=2, num_steps=10, speed=DecodeSpeed(batch_size=8))
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +285,31 @@ def test_cli_train_and_decode_end_to_end(ingest_root, tmp_path):
                      ("dps-shuffled", -1), ("linear", -1), ("nn", -1)])
     n_frames = {t["trial_id"]: t["mel"].shape[1] for t in test}
     assert all(r["mel"].shape == (N_MELS, n_frames[r["trial_id"]]) for r in rows)
+
+    # The resolved config is saved beside the table with its hash, the trial selection included.
+    from ssip.commands.decode import config_uri
+    from ssip.config import config_hash, from_dict
+
+    def saved(path):
+        text = Path(config_uri(str(path))).read_text()
+        digest = re.match(r"# DecodeConfig \(hash (\w+)\)", text).group(1)
+        cfg = from_dict(DecodeConfig, yaml.safe_load(text))
+        assert config_hash(cfg) == digest
+        return cfg, digest
+
+    cfg, _ = saved(out)
+    assert (cfg.selection.split, cfg.selection.subjects, cfg.selection.max_trials) == ("test", [], 0)
+    # The flags set the selection (a flag overrides --set); runs differing only in --max-trials
+    # save different configs and hashes, and decode what they say.
+    hashes = {}
+    for n in (1, 2):
+        path = tmp_path / f"linear-{n}.parquet"
+        assert main(["decode", root, "--prior", str(models / "prior"), "--baselines-root",
+                     str(models / "base"), "--out", str(path), "--set", "methods=[linear]",
+                     "--set", "selection.max_trials=5", "--split", "test", "--subject", "s1",
+                     "--max-trials", str(n)]) == 0
+        cfg, hashes[n] = saved(path)
+        assert (cfg.selection.split, cfg.selection.subjects, cfg.selection.max_trials) == (
+            "test", ["s1"], n)
+        assert len(read_decoded(str(path))) == n
+    assert hashes[1] != hashes[2]

@@ -25,10 +25,10 @@ from tests.test_decode import _trial
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parent.parent
-# Units (trials of one padded length, batch_size 2): sub-01 pads to 40, 40 | 48, 48; sub-02 to
+# Units (trials of one padded length, speed.batch_size 2): sub-01 pads to 40, 40 | 48, 48; sub-02 to
 # 32 | 56, 56: 4 units.
 LENGTHS = {"sub-01": (33, 37, 45, 47), "sub-02": (30, 50, 52)}
-FAST = ["--set", "n_draws=2", "--set", "num_steps=6", "--set", "batch_size=2",
+FAST = ["--set", "n_draws=2", "--set", "num_steps=6", "--set", "speed.batch_size=2",
         "--set", "methods=[dps, prior, dps-shuffled, linear]", "--set", "control_draws=1"]
 
 

@@ -4,15 +4,24 @@ tolerance of the exact path (fp32, every step guided, one sampler call per batch
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from ssip.config import ConfigError
-from ssip.decode import DecodeConfig, decode_trials
+from ssip.decode import MOVED_TO_SPEED, DecodeConfig, DecodeSpeed, decode_trials
 from ssip.sampling import karras_sigmas
 from tests.test_decode import FAST, setup  # noqa: F401 (the module fixture)
+
+
+def _cfg(**kw) -> DecodeConfig:
+    """DecodeConfig from flat keywords: the speed switches (precision, batch_size, ...) go to
+    its speed section, over those of a ``speed`` given (FAST's)."""
+    speed = dataclasses.asdict(kw.pop("speed", DecodeSpeed()))
+    speed.update({k: kw.pop(k) for k in list(kw) if k in MOVED_TO_SPEED})
+    return DecodeConfig(**kw, speed=DecodeSpeed(**speed))
 
 
 def _mels(rows):
@@ -27,20 +36,20 @@ def _max_diff(a, b):
 @pytest.fixture(scope="module")
 def exact(setup):  # noqa: F811
     prior, likelihood, _, test = setup
-    cfg = DecodeConfig(methods=["dps", "prior"], precision="fp32", **FAST)
+    cfg = _cfg(methods=["dps", "prior"], precision="fp32", **FAST)
     return _mels(decode_trials(test, prior, likelihood, cfg))
 
 
 def test_one_trial_one_draw_per_call_equals_the_batched_decode(setup, exact):  # noqa: F811
     prior, likelihood, _, test = setup
-    cfg = DecodeConfig(methods=["dps", "prior"], precision="fp32",
+    cfg = _cfg(methods=["dps", "prior"], precision="fp32",
                        **{**FAST, "batch_size": 1}, draws_per_call=1)
     assert _max_diff(_mels(decode_trials(test, prior, likelihood, cfg)), exact) < 1e-5
 
 
 def test_gradient_checkpointing_is_exact(setup, exact):  # noqa: F811
     prior, likelihood, _, test = setup
-    cfg = DecodeConfig(methods=["dps", "prior"], precision="fp32", grad_checkpoint=True, **FAST)
+    cfg = _cfg(methods=["dps", "prior"], precision="fp32", grad_checkpoint=True, **FAST)
     assert _max_diff(_mels(decode_trials(test, prior, likelihood, cfg)), exact) < 1e-6
 
 
@@ -48,26 +57,26 @@ def test_bf16_autocast_stays_close(setup, exact):  # noqa: F811
     # bf16 keeps 8 mantissa bits; the sampler's update stays float64. Measured on CPU: max
     # difference 5e-4 (mels span about 3 units); the test allows 1e-2.
     prior, likelihood, _, test = setup
-    cfg = DecodeConfig(methods=["dps", "prior"], precision="bf16", **FAST)
+    cfg = _cfg(methods=["dps", "prior"], precision="bf16", **FAST)
     got = _mels(decode_trials(test, prior, likelihood, cfg))
     diff = _max_diff(got, exact)
     assert 0 < diff < 1e-2
-    assert DecodeConfig().resolved_precision("cpu") == "fp32"
-    assert DecodeConfig().resolved_precision("cuda") == "bf16"
+    assert DecodeConfig().speed.resolved_precision("cpu") == "fp32"
+    assert DecodeConfig().speed.resolved_precision("cuda") == "bf16"
 
 
 def test_guide_sigma_max_selects_the_low_noise_steps(setup, exact):  # noqa: F811
     prior, likelihood, _, test = setup
     sig = karras_sigmas(FAST["num_steps"], 0.002, 80.0, 7.0).tolist()[:-1]
-    cfg = DecodeConfig(methods=["dps"], guide_sigma_max=1.0, **FAST)
+    cfg = _cfg(methods=["dps"], guide_sigma_max=1.0, **FAST)
     assert cfg.guide_steps() == [s <= 1.0 for s in sig]
     assert 0 < sum(cfg.guide_steps()) < len(sig)
     # Guiding every step is the exact path, bit for bit.
-    all_cfg = DecodeConfig(methods=["dps"], guide_sigma_max=80.0, precision="fp32", **FAST)
+    all_cfg = _cfg(methods=["dps"], guide_sigma_max=80.0, precision="fp32", **FAST)
     every = _mels(decode_trials(test[:1], prior, likelihood, all_cfg))
     assert all(every[k].tobytes() == exact[k].tobytes() for k in every)
     # Guiding none of them is the prior's sampler with the same seeds.
-    none_cfg = DecodeConfig(methods=["dps"], guide_sigma_max=0.0, precision="fp32", **FAST)
+    none_cfg = _cfg(methods=["dps"], guide_sigma_max=0.0, precision="fp32", **FAST)
     unguided = _mels(decode_trials(test[:1], prior, likelihood, none_cfg))
     for (tid, _, draw), mel in unguided.items():
         np.testing.assert_allclose(mel, exact[(tid, "prior", draw)], atol=1e-6)
@@ -77,41 +86,41 @@ def test_ancestral_sampler_and_its_prior_control(setup):  # noqa: F811
     prior, likelihood, _, test = setup
     kw = dict(sampler="ancestral", num_steps=12, n_draws=2, precision="fp32")
     rows = _mels(decode_trials(test[:1], prior, likelihood,
-                               DecodeConfig(methods=["dps", "prior"], **kw)))
+                               _cfg(methods=["dps", "prior"], **kw)))
     # Zero guidance is the unguided DDPM sampler with the same seeds.
     zero = _mels(decode_trials(test[:1], prior, likelihood,
-                               DecodeConfig(methods=["dps"], weight=0.0, **kw)))
+                               _cfg(methods=["dps"], weight=0.0, **kw)))
     for (tid, _, draw), mel in zero.items():
         np.testing.assert_allclose(mel, rows[(tid, "prior", draw)], atol=1e-6)
     assert np.abs(rows[("rec/0020", "dps", 0)] - rows[("rec/0020", "prior", 0)]).mean() > 1e-3
     # The paper's constant step is the other rule it takes.
     zeta = _mels(decode_trials(test[:1], prior, likelihood,
-                               DecodeConfig(methods=["dps"], weight=None, zeta=0.5, **kw)))
+                               _cfg(methods=["dps"], weight=None, zeta=0.5, **kw)))
     assert np.isfinite(zeta[("rec/0020", "dps", 0)]).all()
 
 
 def test_switch_config_errors(setup):  # noqa: F811
     prior, likelihood, _, test = setup
     with pytest.raises(ConfigError, match="not xi"):
-        DecodeConfig(sampler="ancestral", weight=None, xi=0.1)
+        _cfg(sampler="ancestral", weight=None, xi=0.1)
     with pytest.raises(ConfigError, match="guide_sigma_max"):
-        DecodeConfig(sampler="ancestral", guide_sigma_max=1.0)
+        _cfg(sampler="ancestral", guide_sigma_max=1.0)
     with pytest.raises(ConfigError, match=r"1\.\.1000"):
-        DecodeConfig(sampler="ancestral", num_steps=2000)
+        _cfg(sampler="ancestral", num_steps=2000)
     with pytest.raises(ConfigError, match="sampler"):
-        DecodeConfig(sampler="ddim")
+        _cfg(sampler="ddim")
     with pytest.raises(ConfigError, match="precision"):
-        DecodeConfig(precision="fp16")
+        DecodeSpeed(precision="fp16")
     with pytest.raises(ValueError, match="need a Whisper likelihood"):
         decode_trials(test[:1], prior, likelihood,
-                      DecodeConfig(methods=["dps"], whisper_window="30s", **FAST))
+                      _cfg(methods=["dps"], whisper_window="30s", **FAST))
 
 
 def test_torch_compile_matches_eager(setup, exact):  # noqa: F811
     # torch.compile (inductor, CPU here) of the denoiser and the likelihood: the same draws to
     # float rounding (measured 3.5e-6). The compile itself takes about a minute on 2 cores.
     prior, likelihood, _, test = setup
-    cfg = DecodeConfig(methods=["dps"], precision="fp32", compile=True, **FAST)
+    cfg = _cfg(methods=["dps"], precision="fp32", compile=True, **FAST)
     got = _mels(decode_trials(test[:1], prior, likelihood, cfg))
     assert max(float(np.abs(m - exact[k]).max()) for k, m in got.items()) < 1e-4
 
@@ -129,22 +138,25 @@ def test_naive_whisper_input_decodes_like_the_short_window(setup):  # noqa: F811
                             LikelihoodConfig(kind="whisper", layer=2, head_channels=16),
                             whisper=load_whisper("tiny.en")[0])
     kw = dict(methods=["dps"], n_draws=1, num_steps=4, precision="fp32")
-    fast = _mels(decode_trials(test[:1], prior, lik, DecodeConfig(**kw)))
-    naive = _mels(decode_trials(test[:1], prior, lik, DecodeConfig(
+    state = {k: v.clone() for k, v in lik.state_dict().items()}
+    fast = _mels(decode_trials(test[:1], prior, lik, _cfg(**kw)))
+    naive = _mels(decode_trials(test[:1], prior, lik, _cfg(
         whisper_window="30s", whisper_layers="all", batch_size=1, draws_per_call=1, **kw)))
-    assert (lik.pad_to, lik.all_layers) == (None, False)
+    after = lik.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(v, after[k]) for k, v in state.items())
+    assert not hasattr(lik, "pad_to") and not hasattr(lik, "all_layers")
     assert _max_diff(naive, fast) < 1e-4
-    # The switches live on a shallow copy for the length of a decode: the shared likelihood (one
-    # per Serve replica, used by concurrent requests) never carries them.
+    # The switches live on a view for the length of a decode: the shared likelihood (one per
+    # Serve replica, used by concurrent requests) never carries them.
     from ssip.decode import whisper_switches
 
-    with whisper_switches(lik, DecodeConfig(whisper_window="30s", whisper_layers="all", **kw)) as view:
+    with whisper_switches(lik, _cfg(whisper_window="30s", whisper_layers="all", **kw)) as view:
         assert view is not lik and (view.pad_to, view.all_layers) == (3000, True)
-        assert (lik.pad_to, lik.all_layers) == (None, False) and view.encoder is lik.encoder
-    with whisper_switches(lik, DecodeConfig(**kw)) as view:
+        assert not hasattr(lik, "pad_to") and view.encoder is lik.encoder
+    with whisper_switches(lik, _cfg(**kw)) as view:
         assert view is lik
     assert np.abs(fast[("rec/0020", "dps", 0)] - decode_trials(
-        test[:1], prior, lik, DecodeConfig(**{**kw, "weight": 0.0}))[0]["mel"]).mean() > 1e-4
+        test[:1], prior, lik, _cfg(**{**kw, "weight": 0.0}))[0]["mel"]).mean() > 1e-4
 
 
 def test_coarser_length_buckets_batch_more_and_still_equal_each_trial_alone(setup):  # noqa: F811
@@ -161,8 +173,8 @@ def test_coarser_length_buckets_batch_more_and_still_equal_each_trial_alone(setu
         for p in prior.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     kw = dict(methods=["dps"], precision="fp32", **FAST)
-    tight = _mels(decode_trials(test, prior, likelihood, DecodeConfig(**kw)))
-    cfg = DecodeConfig(pad_multiple=48, **kw)
+    tight = _mels(decode_trials(test, prior, likelihood, _cfg(**kw)))
+    cfg = _cfg(pad_multiple=48, **kw)
     assert cfg.pad_factor(8) == 48
     batched = _mels(decode_trials(test, prior, likelihood, cfg))
     for t in test:

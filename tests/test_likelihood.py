@@ -233,28 +233,31 @@ def test_residual_masks_padding_and_batch_equals_alone(kind, problem, whisper_fi
 def test_naive_whisper_switches_equal_the_short_window(whisper_fit, problem):
     # The naive reference pads every window to Whisper's 3000 frames (padding keys masked) and
     # runs all 4 encoder layers: the residual and its gradient equal the production path's
-    # (the window's frames, layers up to the tap) to float rounding.
+    # (the window's frames, layers up to the tap) to float rounding. The switches are the
+    # decoder's (ssip.decode.whisper_switches), passed to the encoder's forward by a view.
+    from ssip.decode import DecodeConfig, DecodeSpeed, NaiveWhisperView, whisper_switches
+
     model = whisper_fit[0]
     trials = problem[-2:]
     lengths = [240, 173]
     mel, neural, mask = _batch(trials, lengths)
 
-    def norm_and_grad():
+    def norm_and_grad(lik):
         with torch.enable_grad():
             x = mel[:, None].double().requires_grad_(True)
-            return residual_norm_grad(make_residual(model, neural, mask), x, x)
+            return residual_norm_grad(make_residual(lik, neural, mask), x, x)
 
-    norm, grad = norm_and_grad()
-    try:
-        model.set_speed(pad_to=3000, all_layers=True)
-        assert len(model._rest_layers) == 2
-        n30, g30 = norm_and_grad()
-    finally:
-        model.set_speed()
+    norm, grad = norm_and_grad(model)
+    naive = DecodeConfig(speed=DecodeSpeed(whisper_window="30s", whisper_layers="all"))
+    with whisper_switches(model, naive) as view:
+        assert (view.pad_to, len(view.rest_layers)) == (3000, 2)
+        n30, g30 = norm_and_grad(view)
     torch.testing.assert_close(n30, norm, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g30, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     with pytest.raises(ValueError, match="pad_to"):
-        model.set_speed(pad_to=4000)
+        NaiveWhisperView(model, pad_to=4000, all_layers=False)
+    with pytest.raises(ValueError, match="pad_to"):
+        model(mel, mask, pad_to=4000)
 
 
 def test_mel_longer_than_30_s_is_encoded_in_overlapping_windows(whisper_fit):

@@ -55,7 +55,7 @@ def test_bulk_decode_metrics_reach_the_prometheus_endpoint(metrics_head, models,
         assert main(["decode", models["ingest"], "--prior", models["prior"], "--likelihood-root",
                      models["likelihood"], "--out", out, "--actors", "1", "--address",
                      metrics_head["address"], "--set", "methods=[dps]", "--set", "n_draws=2",
-                     "--set", "num_steps=4", "--set", "batch_size=2"]) == 0
+                     "--set", "num_steps=4", "--set", "speed.batch_size=2"]) == 0
         summary = json.loads(Path(out + ".d", "summary.json").read_text())
         want = {s: len(v) for s, v in LENGTHS.items()}
         # The metrics agent exports what the workers reported on its next interval: poll.

@@ -17,7 +17,7 @@ import pytest
 import requests
 import soundfile as sf
 
-from ssip.decode import DecodeConfig, decode_trials
+from ssip.decode import DecodeConfig, DecodeSpeed, decode_trials
 from ssip.distributed.serve import RequestError, ServeConfig, parse_request
 from tests.conftest import _free_port
 from tests.test_decode_corpus import _rows, models  # noqa: F401 (the module fixture)
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.ray
 
 TOKEN = "tok-" + "7" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-DECODE = DecodeConfig(methods=["dps"], n_draws=2, num_steps=6, batch_size=2)
+DECODE = DecodeConfig(methods=["dps"], n_draws=2, num_steps=6, speed=DecodeSpeed(batch_size=2))
 SET = ["--set", "methods=[dps]", "--set", "n_draws=2", "--set", "num_steps=6",
-       "--set", "batch_size=2"]
+       "--set", "speed.batch_size=2"]
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from ssip.decode import DecodeConfig
+from ssip.decode import DecodeConfig, DecodeSpeed
 from tests.conftest import write_trials_ingest
 
 pytestmark = pytest.mark.ray
 
 SUBJECT = "sub-01"
-BASE = ["--decode-set", "num_steps=8", "--decode-set", "batch_size=4"]
+BASE = ["--decode-set", "num_steps=8", "--decode-set", "speed.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cl
     trials, prior, likelihood, baselines = load_sweep_inputs(m["ingest"], SUBJECT, m["prior"],
                                                              m["likelihood"], 4)
     assert baselines == {}  # evidence [encoding]: no baseline read
-    base = DecodeConfig(num_steps=8, batch_size=4, n_draws=2, seed=0)
+    base = DecodeConfig(num_steps=8, speed=DecodeSpeed(batch_size=4), n_draws=2, seed=0)
     for overrides, score in ((e["overrides"], e["score"]),
                              (e["default"]["overrides"], e["default"]["score"])):
         cfg = DecodeConfig(**{**base.__dict__, **overrides})
@@ -117,7 +117,7 @@ def test_sweep_beats_the_default_and_decode_uses_the_preset(sweep_models, ray_cl
     # Decoding with the preset equals decoding with the winning weight, and not the default.
     common = ["decode", m["ingest"], "--prior", m["prior"], "--likelihood-root", m["likelihood"],
               "--split", "val", "--set", "methods=[dps]", "--set", "n_draws=2",
-              "--set", "num_steps=8", "--set", "batch_size=4"]
+              "--set", "num_steps=8", "--set", "speed.batch_size=4"]
     out = {}
     for tag, extra in (("preset", ["--preset", "strong"]),
                        ("won", ["--set", f"weight={e['overrides']['weight']}"]),

@@ -25,6 +25,7 @@ import torch
 from ssip.mel import MEL_FLOOR, log_mel, normalize_loudness
 from ssip.models import whisper as W
 from ssip.models.ctranslate2_reader import Ct2FormatError, parse_ct2_model, read_ct2_model
+from ssip.models.whisper import convert as whisper_convert
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 LONG_CLIP = POCKETSPHINX / "librivox" / "sense_and_sensibility_01_austen_64kb-0870.wav"  # 7.1 s
@@ -233,7 +234,8 @@ def test_cache_is_reused(tiny, cache, monkeypatch):
     def fail(*args):
         raise AssertionError("converted again although a valid cache exists")
 
-    monkeypatch.setattr(W, "_convert_to_dir", fail)
+    # _convert_to_dir is defined and called in ssip.models.whisper.convert: patch it there.
+    monkeypatch.setattr(whisper_convert, "_convert_to_dir", fail)
     assert W.convert_whisper("tiny.en", cache_dir=cache) == path
     W.load_whisper("tiny.en", cache_dir=cache)
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
@@ -401,6 +403,31 @@ def test_window_layer_tap_and_truncation(tiny):
         W.WhisperEncoderWindow(encoder, layer=5)
     with pytest.raises(ValueError, match="3001 frames"):
         tap(torch.zeros(1, 80, 3001))
+
+
+def test_window_lengths_mask_a_padded_batch(tiny):
+    # forward(mel, lengths): each item of a right-padded batch gives what it gives alone (an odd
+    # length alone = padded by one mel-floor frame); lengths None is the unmasked forward, and
+    # full even lengths change nothing. pad_to (the naive benchmark path) pads to 3000 frames
+    # with the padding masked; rest_layers runs the layers past the tap without changing it.
+    encoder = tiny[0].model.encoder
+    tap = W.WhisperEncoderWindow(encoder, layer=2)
+    assert len(tap.past_tap) == 2 and tap.past_tap[0] is encoder.layers[2]
+    long = _mel(LONG_CLIP)
+    mel = torch.stack([long[:, :200], long[:, 100:300]])  # (2, 80, 200)
+    with torch.no_grad():
+        plain = tap(mel)
+        torch.testing.assert_close(tap(mel, torch.tensor([200, 200])), plain, rtol=0, atol=0)
+        batch = tap(mel, torch.tensor([200, 151]))
+        torch.testing.assert_close(batch[0], plain[0], rtol=0, atol=0)
+        alone = tap(torch.cat([mel[1:, :, :151], torch.full((1, 80, 1), MEL_FLOOR)], dim=-1))
+        torch.testing.assert_close(batch[1, :76], alone[0], rtol=1e-5, atol=1e-5)
+        naive = tap(mel, torch.tensor([200, 151]), pad_to=3000, rest_layers=tap.past_tap)
+        assert naive.shape == (2, 1500, 384)
+        torch.testing.assert_close(naive[0, :100], plain[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(naive[1, :76], alone[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pad_to=3001"):
+        tap(mel, pad_to=3001)
 
 
 def test_window_gradient_reaches_the_mel(tiny):

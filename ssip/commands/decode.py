@@ -5,6 +5,11 @@ Decodes every trial of ``--split`` (default test) of every subject in one proces
 (80, T), draw) that ``ssip evaluate`` scores. Per subject it reads the likelihood at
 ``LIKELIHOOD_ROOT/<subject>`` and the baselines at ``BASELINES_ROOT/<subject>/<kind>`` (as
 ``ssip train likelihood|baseline`` write them when OUT is given so).
+
+The trials decoded are the config's ``selection`` (split, subjects, max_trials); ``--split``,
+``--subject`` and ``--max-trials`` are shortcuts that set it (a flag given overrides the config
+and ``--set``). The resolved config, with its hash, is saved beside the table as
+``OUT.config.yaml`` (usable as ``--config``).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ def register(sub) -> None:
                    help="folder holding one likelihood checkpoint per subject: ROOT/<subject>")
     p.add_argument("--baselines-root", default=None,
                    help="folder holding baselines as ROOT/<subject>/<linear|nn>")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="which trials to decode")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="which trials to decode: sets selection.split (default test)")
     p.add_argument("--subject", action="append", default=None,
-                   help="decode only this subject (repeatable; default: all)")
-    p.add_argument("--max-trials", type=int, default=0,
-                   help="decode at most this many trials per subject, in trial order (0 = all)")
+                   help="decode only this subject (repeatable; default: all): sets "
+                        "selection.subjects")
+    p.add_argument("--max-trials", type=int, default=None,
+                   help="decode at most this many trials per subject, in trial order (0 = all): "
+                        "sets selection.max_trials")
     p.add_argument("--out", required=True, help="decoded table to write (.parquet, local or s3://)")
     p.add_argument("--actors", type=int, default=0, metavar="N",
                    help="0 (default): decode in this process; N >= 1: on Ray, N decode actors "
@@ -81,9 +88,12 @@ def _decode(args) -> int:
         bulk = resolve(BulkDecodeConfig, None, overrides)
         print(f"# BulkDecodeConfig (hash {config_hash(bulk)})")
         print(to_yaml(bulk), end="")
+    # The selection flags are shortcuts for config fields: applied after --config and --set.
+    args.overrides = [*args.overrides, *selection_overrides(args)]
     cfg = resolve_and_print(DecodeConfig, args)
     if cfg is None:
         return 0
+    sel = cfg.selection
     guided = [m for m in cfg.methods if m in ("dps", "dps-shuffled")]
     wanted = cfg.needs_baselines()  # the baseline methods, and nn for evidence [nn]
     if cfg.needs_likelihood() and not args.likelihood_root:
@@ -92,21 +102,19 @@ def _decode(args) -> int:
     if wanted and not args.baselines_root:
         raise ValueError(f"methods/evidence {wanted} need --baselines-root (or drop them: --set "
                          f"methods=[dps,prior,dps-shuffled])")
-    if args.max_trials < 0:
-        raise ValueError(f"--max-trials {args.max_trials} must be >= 0")
     per_subject = preset_overrides(args)
     if bulk is not None:
         return _decode_on_ray(args, cfg, bulk, per_subject)
     columns = ["schema_version", "subject", "trial_id", "split", "neural"]
     by_subject: dict[str, list[dict]] = defaultdict(list)
-    for t in load_trials(args.ingest, split=args.split, columns=columns):
-        if args.subject is None or t["subject"] in args.subject:
+    for t in load_trials(args.ingest, split=sel.split, columns=columns):
+        if not sel.subjects or t["subject"] in sel.subjects:
             by_subject[t["subject"]].append(t)
-    if args.max_trials:
-        by_subject = defaultdict(list, {s: ts[:args.max_trials] for s, ts in by_subject.items()})
+    if sel.max_trials:
+        by_subject = defaultdict(list, {s: ts[:sel.max_trials] for s, ts in by_subject.items()})
     if not by_subject:
-        raise ValueError(f"no {args.split}-split trials under {args.ingest}"
-                         + (f" for subject(s) {args.subject}" if args.subject else ""))
+        raise ValueError(f"no {sel.split}-split trials under {args.ingest}"
+                         + (f" for subject(s) {sel.subjects}" if sel.subjects else ""))
     prior, _ = load_prior(args.prior)
     rows: list[dict] = []
     for subject, trials in sorted(by_subject.items()):
@@ -124,8 +132,39 @@ def _decode(args) -> int:
         print(f"decoded {len(trials)} trial(s) of {subject}", flush=True)
     storage.write_parquet(args.out, decoded_rows_table(rows))
     print(f"decoded table: {len(rows)} row(s) -> {args.out}")
+    save_config(args.out, cfg, per_subject)
     _report(args)
     return 0
+
+
+def selection_overrides(args) -> list[str]:
+    """``--set``-style overrides of the selection flags given (none when a flag is absent)."""
+    import json
+
+    out = []
+    if args.split is not None:
+        out.append(f"selection.split={args.split}")
+    if args.subject is not None:
+        out.append(f"selection.subjects={json.dumps(list(args.subject))}")
+    if args.max_trials is not None:
+        out.append(f"selection.max_trials={args.max_trials}")
+    return out
+
+
+def config_uri(out: str) -> str:
+    """Where a decode saves its resolved config: beside the table, ``OUT.config.yaml``."""
+    return f"{out}.config.yaml"
+
+
+def save_config(out: str, cfg, per_subject: dict[str, dict]) -> None:
+    """Save the resolved DecodeConfig (selection included) and its hash beside the table."""
+    from ssip import storage
+    from ssip.config import config_hash, to_yaml
+
+    head = f"# DecodeConfig (hash {config_hash(cfg)}) of the decoded table {out}\n"
+    for subject, o in sorted(per_subject.items()):
+        head += f"# preset override, {subject}: { {k: v for k, v in o.items() if v is not None} }\n"
+    storage.write_bytes(config_uri(out), (head + to_yaml(cfg)).encode())
 
 
 def _report(args) -> None:
@@ -138,8 +177,9 @@ def _report(args) -> None:
 
 def subject_config(cfg, per_subject: dict[str, dict], subject: str):
     """``cfg`` with ``subject``'s preset overrides (unchanged for a subject the preset lacks)."""
-    import dataclasses
     import logging
+
+    from ssip.decode import with_overrides
 
     if subject not in per_subject:
         if per_subject:
@@ -147,7 +187,7 @@ def subject_config(cfg, per_subject: dict[str, dict], subject: str):
                 "the preset has no setting for subject %s: it decodes with the base config",
                 subject)
         return cfg
-    return dataclasses.replace(cfg, **per_subject[subject])
+    return with_overrides(cfg, per_subject[subject])
 
 
 def _decode_on_ray(args, cfg, bulk, per_subject) -> int:
@@ -156,7 +196,8 @@ def _decode_on_ray(args, cfg, bulk, per_subject) -> int:
     summary = decode_corpus(args.ingest, args.out, prior=args.prior,
                             likelihood_root=args.likelihood_root,
                             baselines_root=args.baselines_root, cfg=cfg, bulk=bulk,
-                            split=args.split, subjects=args.subject, max_trials=args.max_trials,
+                            split=cfg.selection.split, subjects=cfg.selection.subjects or None,
+                            max_trials=cfg.selection.max_trials,
                             subject_overrides=per_subject,
                             work=args.work, address=args.address, num_cpus=args.num_cpus,
                             debug={"unit_delay_s": args.debug_unit_delay}
@@ -168,5 +209,6 @@ def _decode_on_ray(args, cfg, bulk, per_subject) -> int:
           + (f", {spt:.1f} s per trial" if spt else "") + f" -> {args.out}")
     for q in summary["quarantine"]:
         print(f"  quarantined: {q['subject'] or q['source_file']} {q['trial_id']}: {q['reason']}")
+    save_config(args.out, cfg, per_subject)
     _report(args)
     return 0

