@@ -126,7 +126,7 @@ def load_run(root: str, n_trials: int, split: str, only: list[str] | None = None
 
 
 def score(rows: list[dict], refs: dict[tuple[str, str], object]) -> list[dict]:
-    from ssip.evaluate.metrics import mel_pcc
+    from ssip.metrics import mel_pcc
 
     return [{"subject": r["subject"], "trial_id": r["trial_id"], "method": r["method"],
              "draw": r["draw"], "mel_pcc": mel_pcc(r["mel"], refs[(r["subject"], r["trial_id"])])}

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from ssip.data.speech import Utterance, asterisk_prompts, decode_g722, read_pocketsphinx
-from ssip.evaluate.metrics import cer, closed_set_identification, stoi, wer
 from ssip.mel import SAMPLE_RATE, log_mel, normalize_loudness
+from ssip.metrics import cer, closed_set_identification, stoi, wer
 from ssip.models.vocoder import (
     GriffinLimVocoder,
     HifiGanVocoder,

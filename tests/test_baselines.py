@@ -11,7 +11,7 @@ import torch
 from scipy.ndimage import gaussian_filter1d
 
 from ssip.config import ConfigError, from_dict
-from ssip.evaluate.metrics import mel_pcc
+from ssip.metrics import mel_pcc
 from ssip.models.baselines import (
     MAD_TO_STD,
     OLD_NN_CONFIG,

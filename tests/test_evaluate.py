@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ssip import metrics as M
 from ssip import storage
 from ssip.data.schema import decoded_table
-from ssip.evaluate import metrics as M
 from ssip.evaluate.report import EvaluateConfig, evaluate, read_decoded, summarize
 
 

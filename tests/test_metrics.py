@@ -11,7 +11,7 @@ import torch
 from pystoi import stoi as pystoi_stoi
 from scipy.stats import pearsonr
 
-from ssip.evaluate import metrics as M
+from ssip import metrics as M
 from ssip.mel import MEL_FLOOR, log_mel, normalize_loudness
 
 

@@ -13,12 +13,6 @@ import pytest
 import torch
 from scipy.stats import ortho_group
 
-from ssip.evaluate.frechet import (
-    FrechetError,
-    frechet_distance,
-    frechet_from_samples,
-    gaussian_stats,
-)
 from ssip.evaluate.prior_quality import (
     bucket_sigmas,
     cut_windows,
@@ -29,6 +23,12 @@ from ssip.evaluate.prior_quality import (
     split_halves,
     whisper_embeddings,
     window_encoder,
+)
+from ssip.frechet import (
+    FrechetError,
+    frechet_distance,
+    frechet_from_samples,
+    gaussian_stats,
 )
 from ssip.mel import MEL_FLOOR
 from ssip.models.prior import (
@@ -146,7 +146,7 @@ def test_frechet_rank_deficient_and_invalid_inputs():
 def test_frechet_retries_with_a_diagonal_offset(monkeypatch):
     """method "sqrtm": a failed square root (as for a near-singular C1 C2) is retried on (C1 + eps s I)(C2 + eps s I);
     the result is the distance between the offset Gaussians, within O(eps) of the exact one."""
-    import ssip.evaluate.frechet as fr
+    import ssip.frechet as fr
 
     rng = np.random.default_rng(5)
     c1, c2 = _random_spd(rng, 6), _random_spd(rng, 6)

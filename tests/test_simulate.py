@@ -15,8 +15,7 @@ import scipy.signal
 from ssip import mel as melmod
 from ssip.config import ConfigError
 from ssip.data import simulate
-from ssip.data.formats import read_ground_truth
-from ssip.data.simulate import CorpusConfig, EncodingModel, build_corpus
+from ssip.data.simulate import CorpusConfig, EncodingModel, build_corpus, read_ground_truth
 from ssip.data.speech import Utterance, read_pocketsphinx
 
 TINY = dict(n_subjects=2, electrodes_min=32, electrodes_max=40, source="pocketsphinx", extra_voices=[],

@@ -15,8 +15,8 @@ from scipy.signal import get_window
 
 from ssip.cli import main as cli_main
 from ssip.data.speech import asterisk_prompts, decode_g722, read_pocketsphinx
-from ssip.evaluate.metrics import stoi
 from ssip.mel import MEL_FLOOR, MEL_VERSION, log_mel, normalize_loudness
+from ssip.metrics import stoi
 from ssip.models import vocoder as V
 
 

@@ -559,7 +559,7 @@ def test_base_transcribes_french_with_its_language_token(base, tiny):
     """June's French prompts (the held-out-voice subject's speech): the <|fr|> prompt reads
     them far better than the English one, and an English-only model refuses a language."""
     from ssip.data.speech import read_voice
-    from ssip.evaluate.metrics import wer
+    from ssip.metrics import wer
 
     utts = read_voice("asterisk-fr", limit=40)[10:40:6]
     model, tok, spec = base

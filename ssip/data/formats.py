@@ -46,6 +46,9 @@ from ssip.data.highgamma import high_gamma
 if TYPE_CHECKING:
     from ssip.data.simulate import SimulatedSubject
 
+#: Absolute clock of the first sample, s (Verwoert's NWB timestamps are absolute clock values).
+#: An integer, so that t0 + n / 1024 is exact in float64.
+START_CLOCK_S = 1_700_000_000.0
 TASK_NAME = "wordProduction"
 BIDS_VERSION = "1.9.0"
 #: Flinker-lab ECoG feature rate, Hz.
@@ -97,7 +100,7 @@ def write_bids_subject(sim: SimulatedSubject, root: str | Path,
     root : path
         BIDS root; files go to ``root/sub-<label>/ieeg/``.
     start_clock : float, optional
-        Absolute clock time of the first sample, s (default ``simulate.START_CLOCK_S``).
+        Absolute clock time of the first sample, s (default ``START_CLOCK_S``).
 
     Returns
     -------
@@ -107,7 +110,6 @@ def write_bids_subject(sim: SimulatedSubject, root: str | Path,
     from pynwb import NWBHDF5IO, H5DataIO, NWBFile, TimeSeries
     from pynwb.file import Subject
 
-    from ssip.data.simulate import START_CLOCK_S
 
     t0 = START_CLOCK_S if start_clock is None else float(start_clock)
     base = Path(root) / f"sub-{sim.subject}" / "ieeg"
@@ -399,21 +401,3 @@ def write_ground_truth(sim: SimulatedSubject, folder: str | Path) -> list[Path]:
     js.write_text(json.dumps(scalars, indent=2) + "\n")
     return [npz, js]
 
-
-def read_ground_truth(path: str | Path):
-    """Load a ground-truth npz: returns (EncodingModel, dict of all arrays)."""
-    from ssip.data.simulate import EncodingModel
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"ground truth {path} not found; build the corpus first "
-                                "(ssip corpus build)")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    missing = [k for k in ("spectral", "temporal", "lead_s", "slope", "threshold", "gain")
-               if k not in arrays]
-    if missing:
-        raise KeyError(f"ground truth {path} lacks {missing}; rebuild it with this ssip version")
-    model = EncodingModel(arrays["spectral"], arrays["temporal"], arrays["lead_s"],
-                          arrays["slope"], arrays["threshold"], arrays["gain"])
-    return model, arrays

@@ -146,6 +146,7 @@ import scipy.signal
 
 from ssip import mel as melmod
 from ssip.config import ConfigError, check_option, check_range, config_hash, field, to_dict
+from ssip.data.formats import START_CLOCK_S  # the clock of the files the simulator writes
 from ssip.data.leakage import PHRASE_JOIN  # a phrase trial's utt_id joins its prompts' ids
 from ssip.data.speech import Utterance, read_source
 
@@ -157,9 +158,6 @@ BACKGROUND_BAND_RMS_UV = 2.0
 BACKGROUND_HIGHPASS_HZ = 0.5
 #: RMS of a noisy bad channel, µV.
 NOISY_CHANNEL_RMS_UV = 2000.0
-#: Absolute clock of the first sample, s (Verwoert's NWB timestamps are absolute clock values).
-#: An integer, so that t0 + n / 1024 is exact in float64.
-START_CLOCK_S = 1_700_000_000.0
 #: Widest temporal kernel half-length in frames (3 sigma of the widest Gaussian).
 _KERNEL_HALF = 9
 #: Prompt and gap boundaries sit on whole mel frames.
@@ -982,11 +980,26 @@ def write_mixed_ground_truth(sim: SimulatedSubject, folder: str | Path) -> list[
     return [path]
 
 
+def read_ground_truth(path: str | Path):
+    """Load a ground-truth npz: returns (EncodingModel, dict of all arrays)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ground truth {path} not found; build the corpus first "
+                                "(ssip corpus build)")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    missing = [k for k in ("spectral", "temporal", "lead_s", "slope", "threshold", "gain")
+               if k not in arrays]
+    if missing:
+        raise KeyError(f"ground truth {path} lacks {missing}; rebuild it with this ssip version")
+    model = EncodingModel(arrays["spectral"], arrays["temporal"], arrays["lead_s"],
+                          arrays["slope"], arrays["threshold"], arrays["gain"])
+    return model, arrays
+
+
 def read_mixed_ground_truth(path: str | Path) -> tuple[MixedEncodingModel, dict]:
     """The mixed model of a subject from its ground truth ``sub-<label>.npz`` (beside which
     ``sub-<label>_mixed.npz`` lies): (MixedEncodingModel, dict of every array of both files)."""
-    from ssip.data.formats import read_ground_truth
-
     path = Path(path)
     base, arrays = read_ground_truth(path)
     extra_path = path.with_name(f"{path.stem}_mixed.npz")

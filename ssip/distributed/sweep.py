@@ -34,7 +34,7 @@ from ssip.config import from_dict
 from ssip.data.dataset import load_trials
 from ssip.decode import MEAN_DRAW, DecodeConfig, decode_trials
 from ssip.distributed.runtime import init_ray
-from ssip.evaluate.metrics import mel_pcc
+from ssip.metrics import mel_pcc
 from ssip.models.baselines import load_baseline
 from ssip.models.likelihood import load_likelihood
 from ssip.models.prior import load_prior, prior_location

@@ -22,7 +22,7 @@ Two numbers per checkpoint, both on speech the prior never trained on:
    drawn from each half as the prior's training windows are drawn
    (:func:`ssip.models.prior.random_windows`). Reported: ``frechet`` = the mean of
    FD(samples, A) and FD(samples, B), and its floor ``frechet_floor`` = FD(A, B), each with N
-   windows on both sides. FD is biased upward at small N (:mod:`ssip.evaluate.frechet`), so
+   windows on both sides. FD is biased upward at small N (:mod:`ssip.frechet`), so
    compare checkpoints at equal N, and read ``frechet`` against ``frechet_floor``: a prior whose
    samples are as close to real speech as real speech is to itself scores the floor.
 
@@ -48,7 +48,7 @@ from ssip import storage
 from ssip.data.dataset import load_trials
 from ssip.data.speech_corpus import load_speech
 from ssip.decode import prior_denoiser
-from ssip.evaluate.frechet import frechet_from_samples
+from ssip.frechet import frechet_from_samples
 from ssip.mel import MEL_FLOOR, N_MELS
 from ssip.models.prior import (
     EDMPrior,

@@ -6,7 +6,7 @@ audio and transcript per trial). Output, under ``out``: ``metrics.parquet`` (one
 subject x trial x method), ``summary.csv``, ``report.md``, ``figures/*.png`` and
 ``wavs/<method>/<subject>/<trial>.wav``.
 
-The metric functions are pure (:mod:`ssip.evaluate.metrics`); this module does the I/O.
+The metric functions are pure (:mod:`ssip.metrics`); this module does the I/O.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssip import metrics as M
 from ssip import storage
 from ssip.config import check_option, field
 from ssip.data.dataset import load_trials
 from ssip.data.schema import shape_column, tensor_values
-from ssip.evaluate import metrics as M
 from ssip.mel import MEL_FLOOR
 
 log = logging.getLogger(__name__)

@@ -287,7 +287,7 @@ class NNDecoderConfig:
     patience: int = field(6, help="stop after this many validations without improvement")
     select_on: str = field("pcc", help="validation score that picks the step (early stopping) "
                                        "and the grid config: 'pcc' (mel PCC, "
-                                       "ssip.evaluate.metrics.mel_pcc over the concatenated "
+                                       "ssip.metrics.mel_pcc over the concatenated "
                                        "validation frames) or 'mse' (standardised mel MSE: the "
                                        "old nn)")
     val_speech_only: bool = field(True, help="score the validation PCC on the reference's speech "
@@ -530,7 +530,7 @@ class NNDecoder:
     def _validate(self, net: TemporalConvNet, vxs: list[np.ndarray], vys: list[np.ndarray],
                   v_mel: np.ndarray) -> tuple[float, float, np.ndarray]:
         """(mel PCC, standardised MSE, predicted mel (80, N)) over the concatenated val frames."""
-        from ssip.evaluate.metrics import mel_pcc
+        from ssip.metrics import mel_pcc
 
         net.eval()
         preds = [net(torch.from_numpy(x.T[None]))[0].numpy() for x in vxs]  # (80, T_i) each
