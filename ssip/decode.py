@@ -30,7 +30,6 @@ Pure library code: no Ray, no file I/O (the commands load checkpoints and write 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ssip.config import ConfigError, check_option, check_range, field
+from ssip.config import ConfigError, check_option, check_range, field, from_dict, to_dict
 from ssip.mel import MEL_FLOOR, N_MELS
 from ssip.sampling import (
     NonFiniteSampleError,
@@ -323,19 +322,13 @@ class DecodeConfig:
 def with_overrides(cfg: DecodeConfig, overrides: Mapping[str, Any] | None = None,
                    **speed: Any) -> DecodeConfig:
     """``cfg`` with top-level ``overrides`` (a preset's, e.g. ``{"weight": 2.0}``) and
-    ``speed`` switches replaced; validated. A key that moved into a section (``batch_size``:
-    ``speed.batch_size``) or an unknown key is a ConfigError naming it."""
-    overrides = dict(overrides or {})
-    names = {f.name for f in dataclasses.fields(DecodeConfig)}
-    for key in overrides:
-        if key in DecodeConfig.MOVED_KEYS:
-            raise ConfigError(f"decode.{key} moved to decode.{DecodeConfig.MOVED_KEYS[key]}")
-        if key not in names:
-            raise ConfigError(f"decode override {key!r} is not a DecodeConfig field; known: "
-                              f"{sorted(names)}")
+    ``speed`` switches replaced, validated by :func:`ssip.config.from_dict` (a key that moved
+    into a section, ``batch_size``: ``speed.batch_size``, or an unknown key is a ConfigError
+    naming it)."""
+    data = {**to_dict(cfg), **dict(overrides or {})}
     if speed:
-        overrides["speed"] = dataclasses.replace(overrides.get("speed", cfg.speed), **speed)
-    return dataclasses.replace(cfg, **overrides)
+        data["speed"] = {**data["speed"], **speed}
+    return from_dict(DecodeConfig, data, where="decode")
 
 
 def trial_key(trial: Mapping[str, Any]) -> str:
